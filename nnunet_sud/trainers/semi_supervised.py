@@ -1,0 +1,270 @@
+"""The shared base of every semi-supervised trainer in nnunet_sud.
+
+``nnUNetTrainerSemiSupervised`` is an ``nnUNetTrainer`` that, for every labeled batch, draws a
+batch of unlabeled patches through nnU-Net's planned training augmentation and adds a weighted
+unlabeled loss:
+
+    L = L_sup(network(x_l), y_l) + w(t) * L_unl(batch_u)
+
+with ``L_sup`` nnU-Net's own loss (deep supervision included), ``t`` the training progress in
+[0, 1] and ``w`` the ``unlabeled_weight`` schedule. A method subclass implements
+``unlabeled_loss(batch_u)`` (and, when it has teachers or other state, ``after_optimizer_step``,
+``get_extra_state`` and ``set_extra_state``). Everything else lives here, once:
+
+* the unlabeled stream (``nnunet_sud.unlabeled.loader``): same transforms and patch size as the
+  labeled stream, random crops, its own worker seeds, and per patch voxel the case voxel it came
+  from (``batch_u['coords']``, ``batch_u['valid']``);
+* the training progress and the weight ramp;
+* logging of the unlabeled loss, weight and any schedule values into nnU-Net's log, its
+  logger checkpoint and ``progress.png``;
+* extra state in checkpoints: written beside each nnU-Net checkpoint as
+  ``<checkpoint>_extra_state.pth`` (atomically, before the checkpoint itself), restored by
+  ``--c``, the one of ``checkpoint_latest`` removed with it at the end of training;
+* clear errors, before anything is built, when the unlabeled data is missing or stale.
+
+Inference is untouched: model folders of subclasses are ordinary nnU-Net model folders.
+"""
+import os
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from torch import distributed as dist
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_sud.errors import UserFacingError
+from nnunet_sud.schedules import LinearRamp
+from nnunet_sud.trainers.logging import SemiSupervisedLocalLogger
+from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, make_augmenter, unlabeled_identifiers
+from nnunet_sud.unlabeled.preprocess import INFO_SUFFIX, configuration_fingerprint, unlabeled_folder_name
+
+EXTRA_STATE_SUFFIX = "_extra_state.pth"
+
+
+def extra_state_file(checkpoint_file: str) -> str:
+    return os.path.splitext(checkpoint_file)[0] + EXTRA_STATE_SUFFIX
+
+
+class nnUNetTrainerSemiSupervised(nnUNetTrainer):
+    """Base class: labeled nnU-Net training plus an unlabeled stream and a weighted unlabeled loss.
+
+    Subclass hooks:
+        unlabeled_loss(batch_u) -> (loss: scalar tensor, logs: dict of floats)   required
+        after_optimizer_step()                     e.g. EMA teacher update
+        get_extra_state() -> dict / set_extra_state(dict)   state beside the checkpoint
+    Class attribute ``extra_log_keys``: names of the floats ``unlabeled_loss`` returns in
+    ``logs`` that are averaged per epoch and logged/plotted (e.g. ("alpha", "beta")).
+    """
+
+    extra_log_keys: Tuple[str, ...] = ()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        #: unlabeled patches per labeled batch (None: the labeled batch size)
+        self.unlabeled_batch_size = None
+        #: w(t), weight of the unlabeled loss as a function of training progress t in [0, 1]
+        self.unlabeled_weight = LinearRamp(0.0, 1.0)
+        self.dataloader_unlabeled = None
+        self.unlabeled_worker_seeds = None
+        self._iteration_in_epoch = 0
+        self.logger.local_logger = SemiSupervisedLocalLogger(self._logged_keys())
+
+    # ------------------------------------------------------------------ paths and checks
+    @property
+    def preprocessed_unlabeled_folder(self) -> str:
+        return os.path.join(self.preprocessed_dataset_folder_base,
+                            unlabeled_folder_name(self.configuration_manager.data_identifier))
+
+    def check_unlabeled_data(self):
+        """Raise UserFacingError unless preprocessed unlabeled data for these plans is present."""
+        folder = self.preprocessed_unlabeled_folder
+        dataset = self.plans_manager.dataset_name
+        cmd = (f"nnunet-sud preprocess-unlabeled -d {dataset} -c {self.configuration_name} "
+               f"-p {self.plans_manager.plans_name}")
+        if self.is_cascaded:
+            raise UserFacingError(
+                f"{type(self).__name__} does not support cascade configurations ('{self.configuration_name}' needs "
+                f"previous-stage predictions for every unlabeled image). Use 3d_lowres or 3d_fullres.")
+        if not os.path.isdir(folder) or not unlabeled_identifiers(folder):
+            raise UserFacingError(
+                f"{type(self).__name__} needs preprocessed unlabeled images, but {folder} is missing or empty. "
+                f"Put the unlabeled images into nnUNet_raw/{dataset}/imagesUnlabeled and run: {cmd}")
+        info_file = folder + INFO_SUFFIX
+        if os.path.isfile(info_file):
+            import json
+            with open(info_file) as f:
+                info = json.load(f)
+            if info.get("configuration_fingerprint") != configuration_fingerprint(self.plans_manager.plans,
+                                                                                 self.configuration_name):
+                raise UserFacingError(
+                    f"{folder} was preprocessed with other plans than {self.plans_manager.plans_name}/"
+                    f"{self.configuration_name} now say (the plans changed since). Re-run: {cmd}")
+
+    # ------------------------------------------------------------------ training progress
+    def training_progress(self) -> float:
+        """Fraction t in [0, 1] of all training iterations done before the current step."""
+        it = self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
+        return min(it / float(self.num_epochs * self.num_iterations_per_epoch), 1.0)
+
+    # ------------------------------------------------------------------ data
+    def on_train_start(self):
+        self.check_unlabeled_data()  # before the network and the loaders are built
+        super().on_train_start()
+
+    def get_dataloaders(self):
+        dl_tr, dl_val = super().get_dataloaders()
+        self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+        return dl_tr, dl_val
+
+    def get_unlabeled_transforms(self):
+        """nnU-Net's training pipeline with this trainer's settings, without deep-supervision
+        downsampling of the (meaningless) unlabeled segmentation."""
+        rotation_for_DA, do_dummy_2d_data_aug, _, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        return self.get_training_transforms(
+            self.configuration_manager.patch_size, rotation_for_DA, None, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels,
+            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
+            ignore_label=self.label_manager.ignore_label)
+
+    def get_unlabeled_dataloader(self):
+        folder = self.preprocessed_unlabeled_folder
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        dataset = infer_dataset_class(folder)(folder, unlabeled_identifiers(folder))
+        initial_patch_size = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2]
+        loader = UnlabeledDataLoader(dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
+                                     self.configuration_manager.patch_size, self.label_manager,
+                                     transforms=self.get_unlabeled_transforms())
+        n_proc = get_allowed_n_proc_DA()
+        base = int(np.random.randint(0, 2 ** 31 - 10_000)) + 1000 * self.local_rank
+        self.unlabeled_worker_seeds = [base + i for i in range(max(n_proc, 1))]
+        augmenter = make_augmenter(loader, n_proc, self.unlabeled_worker_seeds[:n_proc],
+                                   pin_memory=self.device.type == "cuda")
+        _ = next(augmenter)  # start the workers now, not inside the first training step
+        return augmenter
+
+    def on_train_end(self):
+        super().on_train_end()  # saves checkpoint_final, removes checkpoint_latest.pth, stops loaders
+        latest = extra_state_file(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        if self.local_rank == 0 and os.path.isfile(latest):
+            os.remove(latest)
+        if self.dataloader_unlabeled is not None and hasattr(self.dataloader_unlabeled, "_finish"):
+            self.dataloader_unlabeled._finish()
+
+    # ------------------------------------------------------------------ the step
+    def on_train_epoch_start(self):
+        self._iteration_in_epoch = 0
+        super().on_train_epoch_start()
+
+    def unlabeled_loss(self, batch_u: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Loss on one unlabeled batch (tensors already on ``self.device``), inside autocast.
+
+        batch_u: data (B, C, *patch), coords (B, 3, *patch), valid (B, *patch) bool, keys, case_shapes.
+        Returns (scalar loss, {name: float} for logging; names listed in ``extra_log_keys`` are logged).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement unlabeled_loss")
+
+    def after_optimizer_step(self):
+        """Called after every optimizer step (EMA teachers, target stores, ...)."""
+
+    def _unlabeled_batch_to_device(self, batch_u: dict) -> dict:
+        out = dict(batch_u)
+        for k in ("data", "coords", "valid"):
+            out[k] = batch_u[k].to(self.device, non_blocking=True)
+        return out
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        batch_u = self._unlabeled_batch_to_device(next(self.dataloader_unlabeled))
+        weight = float(self.unlabeled_weight(self.training_progress()))
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            l_sup = self.loss(output, target)
+            l_unl, logs = self.unlabeled_loss(batch_u)
+            loss = l_sup + weight * l_unl
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        self.after_optimizer_step()
+        self._iteration_in_epoch += 1
+        out = {"loss": l_sup.detach().cpu().numpy(), "unlabeled_loss": float(l_unl.detach()),
+               "unlabeled_weight": weight}
+        out.update({k: float(logs[k]) for k in self.extra_log_keys})
+        return out
+
+    # ------------------------------------------------------------------ logging
+    def _logged_keys(self):
+        return ("unlabeled_loss", "unlabeled_weight", *self.extra_log_keys)
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)  # nnU-Net logs 'loss' (the supervised loss) as train_losses
+        outputs = collate_outputs(train_outputs)
+        for k in self._logged_keys():
+            values = np.asarray(outputs[k], dtype=np.float64)
+            if self.is_ddp:
+                gathered = [None for _ in range(dist.get_world_size())]
+                dist.all_gather_object(gathered, values)
+                values = np.concatenate(gathered)
+            value = float(np.mean(values))
+            self.logger.log(k, value, self.current_epoch)
+            self.print_to_log_file(f"{k} {np.round(value, decimals=4)}")
+
+    # ------------------------------------------------------------------ checkpoint extras
+    def get_extra_state(self) -> dict:
+        """State beyond nnU-Net's checkpoint (teachers, stores, discriminators, schedule state).
+        Subclasses extend the dict of ``super().get_extra_state()``."""
+        return {}
+
+    def set_extra_state(self, state: dict):
+        """Restore what ``get_extra_state`` returned."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            state = self.get_extra_state()
+            if state:
+                state["current_epoch"] = self.current_epoch + 1  # as nnU-Net stores it in the checkpoint
+                target = extra_state_file(filename)
+                tmp = target + ".tmp"
+                torch.save(state, tmp)
+                os.replace(tmp, target)
+        super().save_checkpoint(filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if not isinstance(filename_or_checkpoint, str):
+            return
+        expected = self.get_extra_state()
+        side = extra_state_file(filename_or_checkpoint)
+        if not os.path.isfile(side):
+            if expected:
+                raise UserFacingError(
+                    f"{filename_or_checkpoint} has no {os.path.basename(side)} beside it: the state of "
+                    f"{type(self).__name__} beyond the network ({', '.join(sorted(expected))}) is missing, so "
+                    f"training cannot resume exactly. Copy that file along with the checkpoint, or start anew "
+                    f"without --c.")
+            return
+        state = torch.load(side, map_location=self.device, weights_only=False)
+        if state.get("current_epoch") != self.current_epoch:
+            raise UserFacingError(
+                f"{side} belongs to epoch {state.get('current_epoch')} but {filename_or_checkpoint} to epoch "
+                f"{self.current_epoch}: the two files are out of step. Restore matching files or start anew.")
+        self.set_extra_state(state)

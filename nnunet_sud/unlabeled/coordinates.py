@@ -1,0 +1,67 @@
+"""The map from augmented patch voxels to case voxels.
+
+nnU-Net's loader crops a box of the (preprocessed) case, padding outside the case, and the
+training augmentation then rotates/scales (``grid_sample``, linear), crops to the final patch
+and mirrors. We carry the case coordinates of every voxel of the loader's box through that
+same pipeline as ``regression_target`` channels: SpatialTransform resamples them with the image
+(linear interpolation of a linear field is exact), MirrorTransform flips them, intensity
+transforms leave them alone. A fourth channel is 1 inside the case and 0 in the loader's
+padding; grid_sample pads it with 0 outside the box, so after augmentation a voxel is *valid*
+exactly when every input voxel that contributed to it lay inside the case.
+
+Shapes (nnU-Net stores every case as (C, Z, Y, X), also for 2d configurations):
+    coordinate channels before augmentation: (4, *box)  [z, y, x, inside]
+    after augmentation:    coords (3, *patch) float32 case voxel coordinates (z, y, x)
+                           valid  (*patch) bool
+    2d configurations: patch is (Y, X); coords still hold (z, y, x), z constant per sample.
+"""
+from typing import Sequence, Tuple
+
+import torch
+
+#: a voxel is valid when its interpolated inside-indicator is 1 up to float error
+VALID_THRESHOLD = 1.0 - 1e-3
+
+
+def case_coordinate_channels(bbox_lbs: Sequence[int], bbox_ubs: Sequence[int],
+                             case_shape: Sequence[int]) -> torch.Tensor:
+    """Coordinates of the loader's crop box [lbs, ubs) in a case of ``case_shape``.
+
+    Returns (len(case_shape) + 1, *box) float32: one channel per case axis holding that axis'
+    voxel index (also outside the case, where the loader pads), and an inside-the-case channel.
+    """
+    axes = [torch.arange(lo, hi, dtype=torch.float32) for lo, hi in zip(bbox_lbs, bbox_ubs)]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    inside = torch.ones_like(grids[0])
+    for g, n in zip(grids, case_shape):
+        inside = inside * ((g >= 0) & (g <= n - 1)).float()
+    return torch.stack([*grids, inside])
+
+
+def split_coordinates(regr: torch.Tensor, n_spatial: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Augmented channels (B, 4, *patch) or (4, *patch) -> coords (.., 3, *patch), valid (.., *patch) bool.
+
+    ``n_spatial`` is the number of patch axes (2 or 3); the channel axis is the one before them.
+    """
+    c_axis = regr.ndim - n_spatial - 1
+    coords = regr.narrow(c_axis, 0, regr.shape[c_axis] - 1)
+    valid = regr.select(c_axis, regr.shape[c_axis] - 1) > VALID_THRESHOLD
+    return coords, valid
+
+
+def sample_case_field(field: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of a case field at case voxel coordinates.
+
+    field:  (C, Z, Y, X) tensor in case voxel space
+    coords: (3, *P) case voxel coordinates (z, y, x), any patch shape P
+    returns (C, *P); outside the case, values are extrapolated with zeros (mask with ``valid``).
+    """
+    c, z, y, x = field.shape
+    size = torch.tensor([z, y, x], dtype=coords.dtype, device=coords.device)
+    pts = coords.reshape(3, -1).T  # (N, 3) in (z, y, x)
+    # grid_sample wants (x, y, z) normalised to [-1, 1] with align_corners=True: -1 -> 0, 1 -> n-1
+    norm = 2 * pts / (size - 1).clamp(min=1) - 1
+    grid = norm.flip(-1).reshape(1, 1, 1, -1, 3).to(field.dtype)
+    out = torch.nn.functional.grid_sample(field[None], grid, mode="bilinear", padding_mode="zeros",
+                                          align_corners=True)
+    return out.reshape(c, *coords.shape[1:])

@@ -1,0 +1,226 @@
+"""``nnunet-sud preprocess-unlabeled``: nnU-Net's own preprocessing for ``imagesUnlabeled``.
+
+Input:  ``nnUNet_raw/DatasetXXX/imagesUnlabeled/CASE_XXXX<file_ending>`` (same channel naming
+        and file ending as imagesTr, no labels).
+Output: ``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/CASE.b2nd, CASE_seg.b2nd,
+        CASE.pkl`` in nnU-Net's own on-disk format, written by the preprocessor class the plans
+        name for that configuration (crop to non-zero, normalisation with the labeled
+        fingerprint's intensity statistics, resampling to the configuration's spacing).
+        ``CASE_seg.b2nd`` holds what nnU-Net's preprocessor makes of a missing label: the
+        non-zero mask (0 inside, -1 outside), used by ``use_mask_for_norm`` augmentation.
+        ``<data_identifier>_unlabeled.json`` beside the folder records which plans and
+        configuration produced it, so training can refuse stale data.
+
+Planning and fingerprinting never see the unlabeled images (see DESIGN.md §2).
+"""
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+from typing import Dict, List, Tuple
+
+from nnunet_sud.errors import UserFacingError
+
+INFO_SUFFIX = ".json"  # -> <data_identifier>_unlabeled.json beside the folder
+
+
+def unlabeled_folder_name(data_identifier: str) -> str:
+    return data_identifier + "_unlabeled"
+
+
+def configuration_fingerprint(plans: dict, configuration: str) -> str:
+    """Hash of everything in the plans that changes the preprocessed arrays of a configuration."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(plans).get_configuration(configuration)
+    relevant = {
+        "configuration": cm.configuration,  # resolved (inherits_from applied)
+        "transpose_forward": plans["transpose_forward"],
+        "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"],
+        "image_reader_writer": plans["image_reader_writer"],
+    }
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def find_unlabeled_cases(folder: str, file_ending: str, num_channels: int) -> Dict[str, List[str]]:
+    """Group ``CASE_XXXX<file_ending>`` files by case; check channels and endings.
+
+    Returns {case id: [channel 0 file, channel 1 file, ...]}. Raises UserFacingError naming the
+    offending file for anything that is not a complete, correctly named case.
+    """
+    if not os.path.isdir(folder):
+        raise UserFacingError(
+            f"no unlabeled images: folder {folder} does not exist. Put the unlabeled images there, named like "
+            f"imagesTr (CASE_0000{file_ending}, one file per channel).")
+    files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+    if not files:
+        raise UserFacingError(f"no unlabeled images: folder {folder} is empty. Put the unlabeled images there, "
+                              f"named like imagesTr (CASE_0000{file_ending}).")
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
+    cases: Dict[str, Dict[int, str]] = {}
+    for f in files:
+        if not f.endswith(file_ending):
+            raise UserFacingError(
+                f"{os.path.join(folder, f)}: wrong file ending; this dataset uses '{file_ending}' (dataset.json "
+                f"'file_ending'). Convert the image or remove it from imagesUnlabeled.")
+        m = pattern.fullmatch(f)
+        if m is None:
+            raise UserFacingError(
+                f"{os.path.join(folder, f)}: name does not follow nnU-Net's channel naming CASE_XXXX{file_ending} "
+                f"(e.g. case_001_0000{file_ending}). Rename it.")
+        cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(folder, f)
+    out = {}
+    for case, chans in sorted(cases.items()):
+        expected = list(range(num_channels))
+        if sorted(chans) != expected:
+            raise UserFacingError(
+                f"unlabeled case '{case}' in {folder} has channels {sorted(chans)}, but dataset.json declares "
+                f"{num_channels} channel(s) ({', '.join(f'{case}_{c:04d}{file_ending}' for c in expected)} expected). "
+                f"Add or remove channel files so that every case has exactly these.")
+        out[case] = [chans[c] for c in expected]
+    return out
+
+
+def _load_plans_and_dataset(dataset_name_or_id, configuration: str, plans_identifier: str):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    for var, val in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed)):
+        if not val:
+            raise UserFacingError(f"environment variable {var} is not set (see nnU-Net's setting_up_paths.md)")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    except RuntimeError as e:
+        raise UserFacingError(f"dataset {dataset_name_or_id}: {e}") from None
+    plans_file = os.path.join(nnUNet_preprocessed, dataset_name, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise UserFacingError(
+            f"{plans_file} not found: dataset {dataset_name} is not planned/preprocessed yet with plans "
+            f"'{plans_identifier}'. Run: nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}")
+    plans = load_json(plans_file)
+    if configuration not in plans["configurations"]:
+        raise UserFacingError(
+            f"configuration '{configuration}' is not in {plans_file}; available: "
+            f"{', '.join(plans['configurations'])}")
+    if plans["configurations"][configuration].get("previous_stage") is not None:
+        raise UserFacingError(
+            f"configuration '{configuration}' is a cascade stage: its input needs predictions of the previous "
+            f"stage for every case, which unlabeled images lack. Use 3d_lowres or 3d_fullres.")
+    dataset_json_file = os.path.join(nnUNet_preprocessed, dataset_name, "dataset.json")
+    dataset_json = load_json(dataset_json_file)
+    return dataset_name, plans, dataset_json, os.path.join(nnUNet_raw, dataset_name), \
+        os.path.join(nnUNet_preprocessed, dataset_name)
+
+
+def _preprocess_one(case: str, image_files: List[str], output_folder: str, plans: dict, configuration: str,
+                    dataset_json: dict) -> str:
+    """Preprocess one unlabeled case with the plans' preprocessor and save it atomically."""
+    import numpy as np
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    label_manager = pm.get_label_manager(dataset_json)
+    preprocessor = cm.preprocessor_class(verbose=False)
+    try:
+        data, seg, properties = preprocessor.run_case(image_files, None, pm, cm, dataset_json)
+    except Exception as e:  # reader errors, geometry mismatches between channels
+        raise UserFacingError(
+            f"could not preprocess unlabeled case '{case}' ({', '.join(image_files)}): {type(e).__name__}: {e}. "
+            f"Check that the file is a readable image of the dataset's format and that all channels share "
+            f"one geometry.") from None
+    # the data loader reads class_locations unconditionally; unlabeled cases have none
+    keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+    properties["class_locations"] = {(tuple(k) if isinstance(k, list) else k): np.zeros((0, 4), dtype=np.int64)
+                                     for k in keys}
+    # write under a temporary name, then rename: a case is complete iff its .pkl exists
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+    data = data.astype(np.float32, copy=False)
+    seg = seg.astype(np.int16, copy=False)
+    blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
+    blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
+    tmp = os.path.join(output_folder, f".tmp_{case}")
+    nnUNetDatasetBlosc2.save_case(data, seg, properties, tmp, chunks=chunks, blocks=blocks,
+                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+    final = os.path.join(output_folder, case)
+    for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
+        os.replace(tmp + suffix, final + suffix)
+    return case
+
+
+def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifier: str = "nnUNetPlans",
+                         num_processes: int = 4, overwrite: bool = False, progress: bool = True) -> Tuple[str, int]:
+    """Preprocess every image of imagesUnlabeled; returns (output folder, number of cases written now).
+
+    Cases already present (complete: their .pkl exists) are skipped unless ``overwrite``; when the
+    plans changed since the folder was written, it is rebuilt.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from tqdm import tqdm
+
+    dataset_name, plans, dataset_json, raw_folder, pre_folder = _load_plans_and_dataset(
+        dataset_name_or_id, configuration, plans_identifier)
+    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    cases = find_unlabeled_cases(os.path.join(raw_folder, "imagesUnlabeled"), dataset_json["file_ending"],
+                                 num_channels)
+    cm = PlansManager(plans).get_configuration(configuration)
+    out = os.path.join(pre_folder, unlabeled_folder_name(cm.data_identifier))
+    info_file = out + INFO_SUFFIX
+    info = {"dataset": dataset_name, "plans_identifier": plans_identifier, "configuration": configuration,
+            "data_identifier": cm.data_identifier,
+            "configuration_fingerprint": configuration_fingerprint(plans, configuration)}
+    if os.path.isdir(out):
+        old = json.load(open(info_file)) if os.path.isfile(info_file) else None
+        if overwrite or old is None or old.get("configuration_fingerprint") != info["configuration_fingerprint"]:
+            if not overwrite:
+                print(f"{out} was made with other plans; rebuilding it")
+            shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    for f in os.listdir(out):  # leftovers of an interrupted run
+        if f.startswith(".tmp_"):
+            os.remove(os.path.join(out, f))
+    with open(info_file, "w") as f:
+        json.dump(info, f, indent=1)
+    todo = {c: files for c, files in cases.items() if not os.path.isfile(os.path.join(out, c + ".pkl"))}
+    if len(todo) < len(cases):
+        print(f"{len(cases) - len(todo)} of {len(cases)} unlabeled cases already preprocessed in {out}; skipping them")
+    args = [(c, files, out, plans, configuration, dataset_json) for c, files in todo.items()]
+    bar = tqdm(total=len(args), desc=f"Preprocessing unlabeled ({configuration})", disable=not progress)
+    if num_processes <= 1 or len(args) <= 1:
+        for a in args:
+            _preprocess_one(*a)
+            bar.update()
+    else:
+        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(args))) as pool:
+            for _ in pool.imap_unordered(_star_preprocess_one, args):
+                bar.update()
+    bar.close()
+    return out, len(args)
+
+
+def _star_preprocess_one(a):
+    return _preprocess_one(*a)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("preprocess-unlabeled",
+                       help="preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the dataset's plans",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
+    p.add_argument("-c", "--configuration", required=True, nargs="+",
+                   help="configuration(s) of the plans, e.g. 3d_fullres 2d")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-np", "--num-processes", type=int, default=4)
+    p.add_argument("--overwrite", action="store_true", help="redo cases that are already preprocessed")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    for cfg in args.configuration:
+        out, n = preprocess_unlabeled(args.dataset, cfg, args.plans, args.num_processes, args.overwrite)
+        print(f"{cfg}: {n} case(s) written to {out}")
+    return 0
