@@ -24,6 +24,6 @@ setup(
         "matplotlib",
         "scipy",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "medpy"]},
     entry_points={"console_scripts": ["nnunet-sud=nnunet_sud.cli:main"]},
 )

@@ -5,12 +5,18 @@ training augmentation then rotates/scales (``grid_sample``, linear), crops to th
 and mirrors. We carry the case coordinates of every voxel of the loader's box through that
 same pipeline as ``regression_target`` channels: SpatialTransform resamples them with the image
 (linear interpolation of a linear field is exact), MirrorTransform flips them, intensity
-transforms leave them alone. A fourth channel is 1 inside the case and 0 in the loader's
-padding; grid_sample pads it with 0 outside the box, so after augmentation a voxel is *valid*
-exactly when every input voxel that contributed to it lay inside the case.
+transforms leave them alone.
+
+Two more channels make this exact at the borders. ``grid_sample`` pads with zeros outside the
+loader's box, which would pull interpolated coordinates towards 0 near the box edge; a channel
+of ones over the box interpolates to the weight that fell inside the box, and dividing by it
+turns the coordinates back into a weighted mean of in-box voxel coordinates (error below
+(1 - that weight) voxels). An inside-the-case channel (1 in the case, 0 where the loader pads)
+marks a voxel *valid* when it stays above ``VALID_THRESHOLD``: every input voxel that
+contributed lay inside the case (and hence inside the box).
 
 Shapes (nnU-Net stores every case as (C, Z, Y, X), also for 2d configurations):
-    coordinate channels before augmentation: (4, *box)  [z, y, x, inside]
+    coordinate channels before augmentation: (5, *box)  [z, y, x, in_box, inside_case]
     after augmentation:    coords (3, *patch) float32 case voxel coordinates (z, y, x)
                            valid  (*patch) bool
     2d configurations: patch is (Y, X); coords still hold (z, y, x), z constant per sample.
@@ -20,32 +26,35 @@ from typing import Sequence, Tuple
 import torch
 
 #: a voxel is valid when its interpolated inside-indicator is 1 up to float error
-VALID_THRESHOLD = 1.0 - 1e-3
+VALID_THRESHOLD = 1.0 - 1e-4
 
 
 def case_coordinate_channels(bbox_lbs: Sequence[int], bbox_ubs: Sequence[int],
                              case_shape: Sequence[int]) -> torch.Tensor:
     """Coordinates of the loader's crop box [lbs, ubs) in a case of ``case_shape``.
 
-    Returns (len(case_shape) + 1, *box) float32: one channel per case axis holding that axis'
-    voxel index (also outside the case, where the loader pads), and an inside-the-case channel.
+    Returns (len(case_shape) + 2, *box) float32: one channel per case axis holding that axis'
+    voxel index (also outside the case, where the loader pads), a channel of ones (the box) and
+    an inside-the-case channel.
     """
     axes = [torch.arange(lo, hi, dtype=torch.float32) for lo, hi in zip(bbox_lbs, bbox_ubs)]
     grids = torch.meshgrid(*axes, indexing="ij")
     inside = torch.ones_like(grids[0])
     for g, n in zip(grids, case_shape):
         inside = inside * ((g >= 0) & (g <= n - 1)).float()
-    return torch.stack([*grids, inside])
+    return torch.stack([*grids, torch.ones_like(inside), inside])
 
 
 def split_coordinates(regr: torch.Tensor, n_spatial: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Augmented channels (B, 4, *patch) or (4, *patch) -> coords (.., 3, *patch), valid (.., *patch) bool.
+    """Augmented channels (B, 5, *patch) or (5, *patch) -> coords (.., 3, *patch), valid (.., *patch) bool.
 
     ``n_spatial`` is the number of patch axes (2 or 3); the channel axis is the one before them.
     """
     c_axis = regr.ndim - n_spatial - 1
-    coords = regr.narrow(c_axis, 0, regr.shape[c_axis] - 1)
-    valid = regr.select(c_axis, regr.shape[c_axis] - 1) > VALID_THRESHOLD
+    n = regr.shape[c_axis]
+    in_box = regr.narrow(c_axis, n - 2, 1).clamp_min(1e-6)
+    coords = regr.narrow(c_axis, 0, n - 2) / in_box
+    valid = regr.select(c_axis, n - 1) > VALID_THRESHOLD
     return coords, valid
 
 
