@@ -13,7 +13,9 @@ import sys
 COMMAND_MODULES = [
     "nnunet_sud.paths",                          # trainer-path
     "nnunet_sud.dataset_conversion.synthetic",   # synthetic
+    "nnunet_sud.dataset_conversion.convert",     # convert
     "nnunet_sud.unlabeled.preprocess",           # preprocess-unlabeled
+    "nnunet_sud.denoiser.preprocess",            # preprocess-denoiser-labels
     "nnunet_sud.evaluation.evaluate",            # evaluate
     "nnunet_sud.evaluation.compare",             # compare
 ]
