@@ -3,7 +3,8 @@
 Trains exactly like ``nnUNetTrainer`` (its unlabeled loss is zero) while drawing the unlabeled
 stream and logging, per epoch, the mean intensity of unlabeled patches, the fraction of patch
 voxels that show the case (not padding) and the fraction of patches that were mirrored or
-resampled (detected from the coordinate map). Use it to check that ``preprocess-unlabeled`` and
+resampled (detected from the coordinate map). It also counts the unlabeled patches it has seen,
+a number kept across ``--c`` through the base's extra checkpoint state. Use it to check that ``preprocess-unlabeled`` and
 the stream work on a dataset before spending hours on a real method.
 """
 import torch
@@ -14,7 +15,19 @@ from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 class nnUNetTrainerUnlabeledStats(nnUNetTrainerSemiSupervised):
     extra_log_keys = ("unlabeled_mean_intensity", "unlabeled_valid_fraction", "unlabeled_warped_fraction")
 
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unlabeled_patches_seen = 0
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "unlabeled_patches_seen": self.unlabeled_patches_seen}
+
+    def set_extra_state(self, state: dict):
+        super().set_extra_state(state)
+        self.unlabeled_patches_seen = int(state["unlabeled_patches_seen"])
+
     def unlabeled_loss(self, batch_u):
+        self.unlabeled_patches_seen += batch_u["data"].shape[0]
         x, coords, valid = batch_u["data"], batch_u["coords"], batch_u["valid"]
         n_spatial = x.ndim - 2
         # an un-warped, un-mirrored patch has coordinates increasing by exactly 1 along each patch axis
