@@ -7,6 +7,7 @@ so they are set here, before any test module imports nnunetv2. Subprocesses (the
 Set NNUNET_SUD_TEST_CACHE=/some/folder to keep the generated and preprocessed datasets between
 runs (the fixtures then reuse what is there); without it everything lives in a fresh temp dir.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ for _k, _sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"),
     os.makedirs(os.environ[_k], exist_ok=True)
 os.environ.setdefault("nnUNet_n_proc_DA", "1")
 os.environ.setdefault("nnUNet_compile", "false")
+os.environ.setdefault("nnUNet_def_n_proc", "1")  # export workers of validation/prediction: each is a spawned process
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from nnunet_sud.paths import ext_trainer_value  # noqa: E402
@@ -70,5 +72,24 @@ def synthetic3d(nnunet_dirs):
         for cfg in ("2d", "3d_fullres"):
             run_cmd(nnunet_sud_cmd("preprocess-unlabeled", "-d", SYN3D_ID, "-c", cfg, "-np", 2))
         open(done_flag, "w").close()
+    # fold 0 validates on a single case: nnU-Net's final validation costs ~20 s per case on CPU
+    split = [{"train": [f"syn_lab_{i:03d}" for i in range(5)], "val": ["syn_lab_005"]}]
+    split_file = os.path.join(pre, "splits_final.json")
+    if not os.path.isfile(split_file) or json.load(open(split_file)) != split:
+        with open(split_file, "w") as f:
+            json.dump(split, f)
     return {"id": SYN3D_ID, "name": SYN3D_NAME, "raw": os.path.join(nnunet_dirs["nnUNet_raw"], SYN3D_NAME),
             "preprocessed": pre}
+
+
+@pytest.fixture(scope="session")
+def tiny_denoiser(synthetic3d, nnunet_dirs):
+    """A label denoiser for Dataset991 3d_fullres fold 0, trained for a few iterations by the user
+    variant nnUNetTrainerLabelDenoiser_tiny (tests/ext_trainers). Returns its fold folder, to be
+    named by nnUNet_denoiser for the trainers that need a denoiser."""
+    fold = os.path.join(nnunet_dirs["nnUNet_results"], SYN3D_NAME,
+                        "nnUNetTrainerLabelDenoiser_tiny__nnUNetPlans__3d_fullres", "fold_0")
+    if not os.path.isfile(os.path.join(fold, "checkpoint_final.pth")):
+        run_cmd(["nnUNetv2_train", str(SYN3D_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerLabelDenoiser_tiny",
+                 "-device", "cpu"])
+    return fold

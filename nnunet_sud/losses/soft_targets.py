@@ -1,0 +1,78 @@
+"""Losses between a network's softmax and fixed soft targets, masked to valid voxels.
+
+Used by SUD and temporal ensembling (Young et al., "SUD: Supervision by Denoising for Medical
+Image Segmentation", eq. 7-8: lambda * D(z_n, f(u_n | Theta)) with z_n fixed).
+"""
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                   include_background: bool = False, batch_dice: bool = False,
+                   smooth: float = 1e-5) -> torch.Tensor:
+    """Soft Dice loss 1 - mean_c (2 sum(m z f) + s) / (sum(m z) + sum(m f) + s).
+
+    This is nnU-Net's soft Dice (tp = sum z f, fp = sum (1 - z) f, fn = sum z (1 - f), so
+    2 tp + fp + fn = sum z + sum f) with a soft target z in place of the one-hot label, summed
+    over valid voxels only.
+
+    Args:
+        probs:  (B, C, *S) softmax of the network (gradients flow through it).
+        target: (B, C, *S) soft targets (treated as constants).
+        mask:   (B, *S) bool, voxels that count; None: all.
+        include_background: count class 0 (nnU-Net's default for softmax outputs: no).
+        batch_dice: sum over the batch before the ratio (nnU-Net's ``batch_dice`` of the plans).
+    Returns:
+        scalar loss in [0, 1].
+    """
+    target = target.detach().to(probs.dtype)
+    if not include_background:
+        probs, target = probs[:, 1:], target[:, 1:]
+    if mask is not None:
+        m = mask[:, None].to(probs.dtype)
+        probs, target = probs * m, target * m
+    axes = tuple(range(2, probs.ndim))
+    if batch_dice:
+        axes = (0,) + axes
+    inter = (probs * target).sum(axes)
+    denom = probs.sum(axes) + target.sum(axes)
+    dice = (2 * inter + smooth) / (denom + smooth).clamp(min=1e-8)
+    return 1 - dice.mean()
+
+
+def soft_kl_loss(log_probs: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """Mean over valid voxels of KL(z || f) = sum_c z_c (log z_c - log f_c).
+
+    Args:
+        log_probs: (B, C, *S) log-softmax of the network.
+        target:    (B, C, *S) soft targets (constants).
+        mask:      (B, *S) bool or None.
+    """
+    z = target.detach().to(log_probs.dtype).clamp(min=0)
+    kl = (z * (torch.log(z + eps) - log_probs)).sum(1)  # (B, *S)
+    if mask is None:
+        return kl.mean()
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp(min=1)
+
+
+def downsample_targets(target: torch.Tensor, mask: torch.Tensor, shapes: Sequence[Sequence[int]]):
+    """Soft targets and masks at the resolutions of deep-supervision outputs.
+
+    target (B, C, *S) -> area-averaged (B, C, *s); mask (B, *S) -> valid only where every voxel it
+    covers is valid (min pooling), for each s in ``shapes``.
+    """
+    out: List = []
+    for s in shapes:
+        s = tuple(int(i) for i in s)
+        if s == tuple(target.shape[2:]):
+            out.append((target, mask))
+            continue
+        t = F.adaptive_avg_pool3d(target, s) if target.ndim == 5 else F.adaptive_avg_pool2d(target, s)
+        inv = (~mask)[:, None].float()
+        inv = F.adaptive_max_pool3d(inv, s) if target.ndim == 5 else F.adaptive_max_pool2d(inv, s)
+        out.append((t, inv[:, 0] == 0))
+    return out

@@ -1,0 +1,226 @@
+"""Per-image soft targets kept in each unlabeled case's preprocessed voxel space.
+
+SUD (Young et al., §3.3, eq. 8) and temporal ensembling keep one soft target z per unlabeled
+image and update it every time the image is visited. Patches reach the network cropped,
+rotated, scaled and mirrored, so the store works in *case* space and goes through the exact
+patch->case map of the unlabeled stream (``batch_u['coords']``, ``batch_u['valid']``):
+
+* ``read``: the target at every patch voxel, by linear interpolation of the case's stored field
+  at the voxel's case coordinates. Where any contributing case voxel was never written, the
+  result is NaN ("no target yet"; SUD then uses z_prev := current estimate).
+* ``write``: patch values back to case voxels. Unwarped patches (integer coordinates: crop and
+  mirroring, about 64% of nnU-Net's augmented patches) are written exactly, voxel by voxel.
+  For rotated/scaled patches the patch->case map is affine: it is fitted to the coordinates
+  (exactly, by least squares; residual checked), inverted, and every case voxel inside the
+  patch's footprint takes the linear interpolation of the patch values at its patch position
+  (the same accuracy as ``read``). Only case voxels whose interpolation neighbours are all valid
+  patch voxels are written: padding never is. Maps that are not affine (a user's variant with
+  elastic deformation) fall back to linear splatting: each valid patch voxel spreads its value
+  to its 2^d neighbouring case voxels with the interpolation weights, and a case voxel takes the
+  weighted mean when the weights reach ``min_weight`` (0.5).
+
+Storage: one ``.npy`` file per case (``(C, Z, Y, X)``, float16 by default, NaN = never written),
+memory-mapped, opened for each access: memory does not grow with the number of cases (the OS
+page cache holds what is hot). A new case file is created under a temporary name and renamed,
+and each write stores whole voxels of valid probabilities, so a killed process leaves a usable
+store (a region may hold a mix of the old and the new targets). ``snapshot``/``restore`` copy
+the store beside a checkpoint so that ``--c`` resumes with exactly the store of that checkpoint.
+
+Shapes: keys (B,), coords (B, 3, *P) case voxel (z, y, x), valid (B, *P) bool,
+values (B, C, *P); P is the patch (2 or 3 axes).
+"""
+import os
+import shutil
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from nnunet_sud.unlabeled.coordinates import sample_case_field
+
+
+class SoftTargetStore:
+    def __init__(self, folder: str, num_classes: int, dtype=np.float16, min_weight: float = 0.5):
+        self.folder = folder
+        self.num_classes = int(num_classes)
+        self.dtype = np.dtype(dtype)
+        self.min_weight = float(min_weight)
+        os.makedirs(folder, exist_ok=True)
+
+    # ------------------------------------------------------------------ files
+    def case_file(self, key: str) -> str:
+        return os.path.join(self.folder, f"{key}.npy")
+
+    def _open(self, key: str, case_shape: Sequence[int], create: bool):
+        path = self.case_file(key)
+        if not os.path.isfile(path):
+            if not create:
+                return None
+            tmp = os.path.join(self.folder, f".tmp_{os.getpid()}_{key}.npy")
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype,
+                                            shape=(self.num_classes, *map(int, case_shape)))
+            arr[:] = np.nan
+            arr.flush()
+            del arr
+            os.replace(tmp, path)
+        arr = np.load(path, mmap_mode="r+")
+        if arr.shape != (self.num_classes, *map(int, case_shape)):
+            raise RuntimeError(f"soft target file {path} has shape {arr.shape}, expected "
+                               f"{(self.num_classes, *case_shape)}: it belongs to other data. Delete the folder "
+                               f"{self.folder} to start the targets anew.")
+        return arr
+
+    def keys(self):
+        return sorted(f[:-4] for f in os.listdir(self.folder) if f.endswith(".npy") and not f.startswith("."))
+
+    def load_case(self, key: str) -> np.ndarray:
+        """The whole stored field of a case (C, Z, Y, X) as float32 (NaN where never written)."""
+        return np.asarray(np.load(self.case_file(key), mmap_mode="r"), dtype=np.float32)
+
+    # ------------------------------------------------------------------ patch access
+    @staticmethod
+    def _block(pts: torch.Tensor, case_shape: Sequence[int], margin: int):
+        lo = torch.floor(pts.min(1).values).long().clamp(min=0)
+        hi = torch.floor(pts.max(1).values).long() + 1 + margin
+        hi = torch.minimum(hi, torch.tensor(list(case_shape), device=pts.device))
+        lo = torch.minimum(lo, hi - 1)
+        return lo, hi
+
+    def read(self, keys: Sequence[str], coords: torch.Tensor, valid: torch.Tensor,
+             case_shapes: torch.Tensor) -> torch.Tensor:
+        """Stored targets at the patch voxels: (B, C, *P) float32 on coords' device; NaN where
+        there is no target yet or the voxel is invalid."""
+        b = coords.shape[0]
+        out = torch.full((b, self.num_classes, *coords.shape[2:]), float("nan"), device=coords.device)
+        for i in range(b):
+            v = valid[i]
+            if not v.any():
+                continue
+            arr = self._open(keys[i], case_shapes[i].tolist(), create=False)
+            if arr is None:
+                continue
+            pts = coords[i][:, v]  # (3, N)
+            lo, hi = self._block(pts, arr.shape[1:], margin=1)
+            block = np.asarray(arr[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
+            field = torch.from_numpy(block).to(coords.device)
+            local = pts - lo.to(pts.dtype)[:, None]
+            vals = sample_case_field(field, local)  # (C, N), NaN where a neighbour is unset
+            # outside the block (only possible beyond the case border) nothing is stored
+            inside = ((local >= -1e-4) & (local <= (hi - lo - 1).to(local.dtype)[:, None] + 1e-4)).all(0)
+            vals[:, ~inside] = float("nan")
+            out[i][:, v] = vals
+        return out
+
+    def write(self, keys: Sequence[str], coords: torch.Tensor, valid: torch.Tensor, case_shapes: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """Splat patch values (B, C, *P) into the cases at the valid voxels (see module doc)."""
+        values = values.detach().float()
+        for i in range(coords.shape[0]):
+            v = valid[i]
+            if not v.any():
+                continue
+            arr = self._open(keys[i], case_shapes[i].tolist(), create=True)
+            pts = coords[i][:, v]  # (3, N)
+            vals = values[i][:, v]  # (C, N)
+            lo, hi = self._block(pts, arr.shape[1:], margin=1)
+            size = (hi - lo).tolist()
+            local = pts - lo.to(pts.dtype)[:, None]
+            sl = (slice(None), slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+            block = np.array(arr[sl])
+            rounded = local.round()
+            if (local - rounded).abs().max() < 1e-3:
+                # unwarped patch (crop + mirroring): one case voxel per patch voxel, exact
+                idx = rounded.long().cpu().numpy()
+                block[:, idx[0], idx[1], idx[2]] = vals.cpu().numpy()
+            else:
+                res = self._inverse_warp(self._local_coords(coords[i], lo), values[i], valid[i], size)
+                new, write = res if res is not None else self._splat(local, vals, size)
+                block[:, write] = new[:, write]
+            arr[sl] = block
+            arr.flush()
+
+    @staticmethod
+    def _local_coords(coords: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        shape = (3,) + (1,) * (coords.ndim - 1)
+        return coords - lo.to(coords.dtype).reshape(shape)
+
+    def _inverse_warp(self, local: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, size):
+        """Case-block voxels <- linear interpolation of the patch at their patch positions.
+
+        local (3, *P) block coordinates of every patch voxel, values (C, *P), valid (*P). Returns
+        (values (C, *size), written (*size) bool), or None when the map is not affine.
+        """
+        dev = values.device
+        patch = local.shape[1:]
+        n = len(patch)
+        grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device=dev) for s in patch], indexing="ij")
+        p = torch.stack([g[valid] for g in grids])  # (n, N)
+        y = local[:, valid].double()  # (3, N)
+        x = torch.cat([p, torch.ones_like(p[:1])])  # (n + 1, N)
+        coef = torch.linalg.lstsq(x.T, y.T).solution  # (n + 1, 3)
+        if (x.T @ coef - y.T).abs().max() > 1e-2:
+            return None  # not affine (elastic deformation): splat instead
+        a, b = coef[:n].T, coef[n]  # case = a p + b, a (3, n)
+        vox = torch.meshgrid(*[torch.arange(s, dtype=torch.float64, device=dev) for s in size], indexing="ij")
+        vox = torch.stack(vox).reshape(3, -1)  # (3, M)
+        if n == 3:
+            pp = torch.linalg.solve(a, vox - b[:, None])  # (3, M)
+            on_plane = torch.ones(vox.shape[1], dtype=torch.bool, device=dev)
+        else:  # 2d patch: one case slice, z = b_z
+            pp = torch.linalg.solve(a[1:], vox[1:] - b[1:, None])
+            on_plane = (vox[0] - b[0]).abs() < 1e-3
+        # patch values and validity at pp (align_corners=True: index i <-> -1 + 2 i / (P - 1))
+        size_p = torch.tensor(patch, dtype=torch.float64, device=dev)[:, None]
+        inside = ((pp >= 0) & (pp <= size_p - 1)).all(0) & on_plane
+        norm = (2 * pp / (size_p - 1).clamp(min=1) - 1).T.flip(-1).float()  # (M, n) as (x, y[, z])
+        grid = norm.reshape(1, *([1] * (n - 1)), -1, n)
+        src = torch.cat([values.float(), valid[None].float()])[None]
+        out = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=True).reshape(values.shape[0] + 1, -1)
+        written = inside & (out[-1] > 1 - 1e-4)
+        return out[:-1].reshape(values.shape[0], *size).cpu().numpy(), written.reshape(size).cpu().numpy()
+
+    def _splat(self, local: torch.Tensor, vals: torch.Tensor, size):
+        """Linear splatting of vals (C, N) at local block coordinates (3, N) into a block of ``size``.
+        Returns (weighted means (C, *size), where the weights reach ``min_weight`` (*size) bool)."""
+        dev = vals.device
+        base = torch.floor(local)
+        frac = local - base
+        base = base.long()
+        size_t = torch.tensor(size, device=dev)[:, None]
+        n_vox = size[0] * size[1] * size[2]
+        acc = torch.zeros((vals.shape[0], n_vox), dtype=torch.float32, device=dev)
+        wsum = torch.zeros(n_vox, dtype=torch.float32, device=dev)
+        for corner in range(8):
+            d = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=dev)
+            idx = base + d[:, None]
+            w = torch.where(d[:, None].bool(), frac, 1 - frac).prod(0)
+            ok = (w > 0) & (idx >= 0).all(0) & (idx < size_t).all(0)
+            flat = ((idx[0] * size[1] + idx[1]) * size[2] + idx[2])[ok]
+            acc.index_add_(1, flat, vals[:, ok] * w[ok])
+            wsum.index_add_(0, flat, w[ok])
+        new = (acc / wsum.clamp(min=1e-12)).reshape(vals.shape[0], *size).cpu().numpy()
+        return new, (wsum >= self.min_weight).reshape(size).cpu().numpy()
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self, dest: str) -> None:
+        """Copy the store to ``dest`` (replacing it) atomically: a copy, then a rename."""
+        tmp = dest + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.folder, tmp, ignore=shutil.ignore_patterns(".tmp_*"))
+        old = dest + ".old"
+        if os.path.isdir(dest):
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, src: str) -> None:
+        """Make the store a copy of the snapshot ``src``."""
+        if not os.path.isdir(src):
+            raise FileNotFoundError(src)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        shutil.copytree(src, self.folder)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.makedirs(self.folder, exist_ok=True)

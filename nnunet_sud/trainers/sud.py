@@ -1,0 +1,192 @@
+"""Supervision by denoising (SUD) and temporal ensembling (TE) as nnU-Net trainers.
+
+Young, Shi, Ramakrishnan, Boisvert, ... Dalca, "SUD: Supervision by Denoising for Semantic
+Segmentation" (seeds/000), §3.3, eq. 7-8. Per unlabeled patch u_n at iteration n:
+
+    f_n = f(u_n | Theta_n)                                   segmenter softmax   (B, C, *P)
+    z_n = alpha (beta a(f_n) + (1 - beta) f_n) + (1 - alpha) z_n^-            eq. (8)
+    L   = L_sup(x_n, y_n) + lambda D(z_n, f(u_n | Theta))     z_n fixed        eq. (7)
+
+a() is the trained label-map denoiser (log, clip, denoise, softmax: ``apply_denoiser``), z_n^- the
+soft target stored for the same image at its previous visit (kept in case voxel space and
+carried through the augmentation by ``SoftTargetStore``; first visit: z_n^- := the current
+estimate), D soft Dice over valid voxels (optionally + KL(z || f)), applied to every
+deep-supervision output with nnU-Net's weights.
+
+Schedules (progress t in [0, 1] over all iterations), as the paper:
+    lambda(t) = lambda_max t,  lambda_max = 4                  ``unlabeled_weight``
+    beta      = 0.2 / lambda_max = 0.05                        spatial denoising weight
+    alpha(t)  = 1 - t           from 1 down to 0 (§3.3.2)      temporal averaging weight
+§4 says "vary alpha linearly from 0 to 1"; that contradicts §3.3.2 (targets must adapt early and
+converge late; alpha = 0 at the start would freeze the first, random targets), so we follow
+§3.3.2. TE is the same with beta = 0 (no denoiser needed).
+
+State: the soft targets live in ``fold_X/soft_targets/`` while training; each checkpoint gets a
+snapshot ``fold_X/soft_targets_<checkpoint>/`` so that ``--c`` resumes with exactly that store.
+At the end of training they are removed (``keep_soft_targets = True`` keeps them); the model
+folder is then an ordinary nnU-Net model folder for ``nnUNetv2_predict``.
+"""
+import os
+import shutil
+import time
+import warnings
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from torch import distributed as dist
+
+from nnunet_sud.denoiser.corruption import apply_denoiser
+from nnunet_sud.losses.soft_targets import downsample_targets, soft_dice_loss, soft_kl_loss
+from nnunet_sud.schedules import LinearRamp
+from nnunet_sud.targets.store import SoftTargetStore
+from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
+
+STORE_DIR = "soft_targets"
+
+
+class nnUNetTrainerSUD(nnUNetTrainerSemiSupervised):
+    """SUD (eq. 8). Variants change the class attributes below (see ``sud_variants.py``)."""
+
+    #: lambda_max of the linear ramp of the unlabeled weight lambda
+    lambda_max: float = 4.0
+    #: beta, the spatial (denoiser) weight; None means 0.2 / lambda_max as in the paper
+    beta: Optional[float] = None
+    #: add KL(z || f) to the soft Dice (the paper's kidney task)
+    use_kl: bool = False
+    #: keep fold_X/soft_targets after training
+    keep_soft_targets: bool = False
+    #: snapshot the store with checkpoint_best too (exact --c from best; costs a copy per new best)
+    snapshot_store_for_best: bool = True
+
+    extra_log_keys = ("alpha", "beta", "target_new_fraction")
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.beta is None:
+            self.beta = 0.2 / self.lambda_max
+        self.unlabeled_weight = LinearRamp(0.0, self.lambda_max)
+        self.alpha = LinearRamp(1.0, 0.0)
+        self.denoiser = None
+        self.store = SoftTargetStore(os.path.join(self.output_folder, STORE_DIR),
+                                     self.label_manager.num_segmentation_heads)
+        self._store_restored = False
+        self._store_snapshot = None
+        #: seconds spent per component (read by benchmarks/sud_speed.py)
+        self.component_times = defaultdict(float)
+
+    # ------------------------------------------------------------------ set-up
+    def needs_denoiser(self) -> bool:
+        return self.beta > 0
+
+    def on_train_start(self):
+        self.check_unlabeled_data()
+        if self.label_manager.has_regions:
+            from nnunet_sud.errors import UserFacingError
+            raise UserFacingError(f"{type(self).__name__} needs plain integer labels (softmax outputs); the dataset "
+                                  f"uses regions")
+        if self.needs_denoiser() and self.denoiser is None:
+            from nnunet_sud.denoiser.loading import load_denoiser
+            self.denoiser = load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
+                                          self.configuration_name, self.fold, self.device)
+            self.print_to_log_file(f"SUD denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
+        if not self._store_restored and self.local_rank == 0:
+            self.store.clear()  # a fresh training starts without targets
+        if self.is_ddp:
+            dist.barrier()
+        super().on_train_start()
+
+    # ------------------------------------------------------------------ the method
+    def spatial_denoise(self, f: torch.Tensor) -> torch.Tensor:
+        """beta a(f) + (1 - beta) f   for f (B, C, *P) probabilities (no gradient)."""
+        if self.beta == 0:
+            return f
+        t0 = time.perf_counter()
+        a_f = apply_denoiser(self.denoiser, f)
+        self.component_times["denoiser"] += time.perf_counter() - t0
+        return self.beta * a_f + (1 - self.beta) * f
+
+    @torch.no_grad()
+    def soft_targets(self, f: torch.Tensor, batch_u: dict, alpha: float) -> torch.Tensor:
+        """z_n = alpha (beta a(f_n) + (1 - beta) f_n) + (1 - alpha) z_n^-   (eq. 8), stored back."""
+        current = self.spatial_denoise(f)
+        t0 = time.perf_counter()
+        z_prev = self.store.read(batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"])
+        first_visit = torch.isnan(z_prev).any(1, keepdim=True)
+        z = torch.where(first_visit, current, alpha * current + (1 - alpha) * z_prev)
+        self.store.write(batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"], z)
+        self.component_times["store"] += time.perf_counter() - t0
+        self._new_fraction = float(first_visit[:, 0][batch_u["valid"]].float().mean()) \
+            if batch_u["valid"].any() else 0.0
+        return z
+
+    def soft_target_loss(self, outputs, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """D(z, f) summed over deep-supervision outputs with nnU-Net's weights."""
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        weights = getattr(self.loss, "weight_factors", None) or (1.0,)
+        targets = downsample_targets(z, valid, [o.shape[2:] for o in outputs])
+        loss = 0.0
+        for w, o, (z_s, m_s) in zip(weights, outputs, targets):
+            if w == 0:
+                continue
+            o = o.float()
+            term = soft_dice_loss(torch.softmax(o, 1), z_s, m_s, batch_dice=self.configuration_manager.batch_dice)
+            if self.use_kl:
+                term = term + soft_kl_loss(torch.log_softmax(o, 1), z_s, m_s)
+            loss = loss + w * term
+        return loss
+
+    def unlabeled_loss(self, batch_u: dict):
+        outputs = self.network(batch_u["data"])
+        f = torch.softmax((outputs[0] if isinstance(outputs, (list, tuple)) else outputs).float(), 1)
+        alpha = float(self.alpha(self.training_progress()))
+        z = self.soft_targets(f.detach(), batch_u, alpha)
+        loss = self.soft_target_loss(outputs, z, batch_u["valid"])
+        return loss, {"alpha": alpha, "beta": self.beta, "target_new_fraction": self._new_fraction}
+
+    # ------------------------------------------------------------------ state
+    def _snapshot_dir(self, checkpoint_name: str) -> str:
+        return os.path.join(self.output_folder, f"{STORE_DIR}_{checkpoint_name}")
+
+    def save_checkpoint(self, filename: str) -> None:
+        name = os.path.splitext(os.path.basename(filename))[0]
+        final = name == "checkpoint_final"
+        take = not final and (name != "checkpoint_best" or self.snapshot_store_for_best)
+        if self.is_ddp:
+            dist.barrier()  # no rank writes targets while rank 0 copies them
+        self._store_snapshot = None
+        if take and self.local_rank == 0 and not self.disable_checkpointing:
+            self.store.snapshot(self._snapshot_dir(name))
+            self._store_snapshot = os.path.basename(self._snapshot_dir(name))
+        if self.is_ddp:
+            dist.barrier()
+        super().save_checkpoint(filename)
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "soft_target_snapshot": self._store_snapshot}
+
+    def set_extra_state(self, state: dict):
+        super().set_extra_state(state)
+        snap = state.get("soft_target_snapshot")
+        if snap:
+            if self.local_rank == 0:
+                self.store.restore(os.path.join(self.output_folder, snap))
+            self._store_restored = True
+        elif self.current_epoch < self.num_epochs:
+            warnings.warn("this checkpoint has no soft-target snapshot: training resumes with the soft targets "
+                          "as they are on disk")
+            self._store_restored = True
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0 and not self.keep_soft_targets:
+            for name in ("checkpoint_latest", "checkpoint_best"):
+                shutil.rmtree(self._snapshot_dir(name), ignore_errors=True)
+            shutil.rmtree(self.store.folder, ignore_errors=True)
+
+
+class nnUNetTrainerTE(nnUNetTrainerSUD):
+    """Temporal ensembling: SUD with beta = 0, z_n = alpha f_n + (1 - alpha) z_n^- (no denoiser)."""
+    beta = 0.0
+    extra_log_keys = ("alpha", "target_new_fraction")

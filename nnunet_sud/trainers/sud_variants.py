@@ -1,0 +1,39 @@
+"""One-line variants of SUD for the paper's ablations (Young et al., Fig. 5: beta sweep at
+lambda_max = 4; lambda_max; the kidney task's soft Dice + KL)."""
+from nnunet_sud.trainers.sud import nnUNetTrainerSUD
+
+
+class nnUNetTrainerSUD_beta0p01(nnUNetTrainerSUD):
+    beta = 0.01
+
+
+class nnUNetTrainerSUD_beta0p02(nnUNetTrainerSUD):
+    beta = 0.02
+
+
+class nnUNetTrainerSUD_beta0p1(nnUNetTrainerSUD):
+    beta = 0.1
+
+
+class nnUNetTrainerSUD_beta0p2(nnUNetTrainerSUD):
+    beta = 0.2
+
+
+class nnUNetTrainerSUD_beta0p5(nnUNetTrainerSUD):
+    beta = 0.5
+
+
+class nnUNetTrainerSUD_lambda1(nnUNetTrainerSUD):
+    lambda_max = 1.0  # beta = 0.2 / lambda_max = 0.2
+
+
+class nnUNetTrainerSUD_lambda2(nnUNetTrainerSUD):
+    lambda_max = 2.0
+
+
+class nnUNetTrainerSUD_lambda8(nnUNetTrainerSUD):
+    lambda_max = 8.0
+
+
+class nnUNetTrainerSUD_KL(nnUNetTrainerSUD):
+    use_kl = True

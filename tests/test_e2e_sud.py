@@ -1,0 +1,107 @@
+"""SUD and TE end to end through nnUNetv2_train / nnUNetv2_predict on CPU: a trained denoiser
+found through nnUNet_denoiser, an interrupted run, --c restoring exactly the soft-target store
+of the checkpoint, clean-up, and plain prediction from the model folder."""
+import filecmp
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import run_cmd
+
+
+def _fold(results, dataset, trainer):
+    return os.path.join(results, dataset, f"{trainer}__nnUNetPlans__3d_fullres", "fold_0")
+
+
+def _predict_one(synthetic3d, trainer, tmp_path):
+    inp = tmp_path / f"in_{trainer}"
+    inp.mkdir()
+    shutil.copy(os.path.join(synthetic3d["raw"], "imagesTs", "syn_ts_000_0000.nii.gz"), inp)
+    out = tmp_path / f"pred_{trainer}"
+    # a clean environment: no nnUNet_denoiser, the model folder must be self-sufficient
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_denoiser"}
+    run_cmd(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(synthetic3d["id"]), "-c", "3d_fullres",
+             "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env=env)
+    pred = sitk.ReadImage(str(out / "syn_ts_000.nii.gz"))
+    ref = sitk.ReadImage(os.path.join(synthetic3d["raw"], "labelsTs", "syn_ts_000.nii.gz"))
+    assert pred.GetSize() == ref.GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
+
+
+def _store_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith(".npy"))
+
+
+@pytest.mark.e2e
+def test_sud_train_interrupt_resume_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunet_sud.trainers import nnUNetTrainerSUD
+
+    trainer = "nnUNetTrainerSUD_tiny"
+    fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
+    shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
+    train = ["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"]
+    env = dict(os.environ, nnUNet_denoiser=tiny_denoiser)
+
+    # without a denoiser SUD refuses before training, naming the command that makes one
+    no_den = {k: v for k, v in env.items() if k != "nnUNet_denoiser"}
+    p = subprocess.run(train, env=no_den, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert p.returncode != 0 and "-tr nnUNetTrainerLabelDenoiser" in p.stdout, p.stdout[-2000:]
+    assert "Epoch 0" not in p.stdout
+
+    # a run killed in the middle of epoch 1 (after step 5 of 6): checkpoint_latest is from epoch 0
+    p = subprocess.run(train, env=dict(env, SUD_TEST_CRASH_AT_STEP="5"), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert p.returncode != 0 and "simulated crash after step 5" in p.stdout, p.stdout[-3000:]
+    live, snap = os.path.join(fold, "soft_targets"), os.path.join(fold, "soft_targets_checkpoint_latest")
+    assert os.path.isdir(snap) and _store_files(snap), "the checkpoint of epoch 0 has a soft-target snapshot"
+    assert torch.load(os.path.join(fold, "checkpoint_latest_extra_state.pth"), weights_only=False) == \
+        {"soft_target_snapshot": "soft_targets_checkpoint_latest", "current_epoch": 1}
+    # steps 4-5 changed the live store after the snapshot
+    changed = [f for f in _store_files(live)
+               if f not in _store_files(snap) or not filecmp.cmp(os.path.join(live, f), os.path.join(snap, f), False)]
+    assert changed
+
+    # resuming restores exactly the snapshot (checked in process, as nnUNetv2_train --c does it)
+    pre = synthetic3d["preprocessed"]
+    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
+    plans["continue_training"] = True
+    t = nnUNetTrainerSUD(plans, "3d_fullres", 0, load_json(os.path.join(pre, "dataset.json")), torch.device("cpu"))
+    t.output_folder = fold
+    t.store.folder = live
+    t.load_checkpoint(os.path.join(fold, "checkpoint_latest.pth"))
+    assert t.current_epoch == 1 and _store_files(live) == _store_files(snap)
+    for f in _store_files(snap):
+        assert filecmp.cmp(os.path.join(live, f), os.path.join(snap, f), shallow=False)
+    # ... and nnUNetv2_train --c finishes the run from there
+    out = run_cmd(train + ["--c"], env=env)
+    assert "Epoch 1" in out and "Epoch 0\n" not in out
+    log = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)["logging"]
+    assert len(log["alpha"]) == 2 and log["alpha"][0] == pytest.approx(np.mean([1, 5 / 6, 4 / 6]))
+    assert log["beta"] == [pytest.approx(0.05)] * 2
+    assert log["unlabeled_weight"][1] == pytest.approx(4 * np.mean([3 / 6, 4 / 6, 5 / 6]))
+    # side files of the run are gone; the model folder is an ordinary nnU-Net one
+    for d in ("soft_targets", "soft_targets_checkpoint_latest", "soft_targets_checkpoint_best"):
+        assert not os.path.exists(os.path.join(fold, d))
+    assert not os.path.exists(os.path.join(fold, "checkpoint_latest_extra_state.pth"))
+    _predict_one(synthetic3d, trainer, tmp_path)
+
+
+@pytest.mark.e2e
+def test_te_train_predict(synthetic3d, nnunet_dirs, tmp_path):
+    trainer = "nnUNetTrainerTE_tiny"
+    fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
+    shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_denoiser"}  # TE needs no denoiser
+    out = run_cmd(["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
+                  env=env)
+    assert "target_new_fraction" in out
+    log = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)["logging"]
+    # the very first step finds no target at all, so epoch 0's mean is at least 1/3
+    assert 1 / 3 - 1e-6 <= log["target_new_fraction"][0] <= 1 and 0 <= log["target_new_fraction"][1] <= 1
+    _predict_one(synthetic3d, trainer, tmp_path)
