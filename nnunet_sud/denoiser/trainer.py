@@ -1,0 +1,263 @@
+"""``nnUNetTrainerLabelDenoiser``: trains the label-map denoiser ``a(.)`` of SUD §3.4.
+
+    nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerLabelDenoiser [-p PLANS]
+
+What differs from ``nnUNetTrainer`` (everything else -- data loading, nnU-Net's spatial
+augmentation, Dice+CE loss with deep supervision, SGD/poly LR, checkpoints -- is nnU-Net's):
+
+* Network: ``build_network_architecture`` returns the skip-free auto-encoder built from the
+  configuration's plans (``network.py``); input and output channels = number of classes.
+  Region-based label set-ups are refused (``UserFacingError``). Cascade configurations are
+  trained on their own label maps without the previous stage.
+* Data: the images are never read. The loader gets the label maps of the training split
+  (plus ``labelsDenoiser/`` maps preprocessed with ``nnunet-sud preprocess-denoiser-labels``,
+  when present) with a zero dummy image; nnU-Net's spatial transforms (rotation, scaling,
+  mirroring, dummy-2d) are kept, its intensity transforms dropped (they only touch images).
+* Step: the network input is the corrupted one-hot of the augmented label patch
+  (``LabelMapCorruption``: log -> clip [-3, 0] -> + coarse Gaussian noise -> softmax, sigma and s
+  uniform in ``corruption_sigma`` / ``corruption_scale``, paper [0, 8]); the target is the
+  clean patch. The corruption runs in the main process on the training device (torch's
+  RNG is not reseeded in nnU-Net's augmentation workers, so it must not run there).
+* Validation: nnU-Net's pseudo Dice is logged as usual (on randomly corrupted patches). In
+  addition, every ``denoiser_eval_every`` epochs the whole maps of (up to
+  ``denoiser_eval_max_cases``) validation cases are corrupted at the fixed
+  ``denoiser_eval_settings`` (sigma, s) and Dice/HD95 of noisy vs denoised maps go to the
+  training log (SUD Fig. 7). ``perform_actual_validation`` (run after training and by
+  ``--val``) does this on all validation cases and writes ``denoiser_validation.json`` to the
+  fold folder (final table + the per-epoch history), instead of predicting images.
+
+The trained model folder is an ordinary nnU-Net folder;
+``nnunet_sud.denoiser.loading.load_denoiser`` finds and loads it for the SUD trainers.
+"""
+from typing import List
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_sud.denoiser.corruption import LabelMapCorruption, labels_to_one_hot
+from nnunet_sud.denoiser.data import (DENOISER_LABELS_RAW_FOLDER, LabelMapDataset, dataset_id_of,
+                                      denoiser_labels_folder, open_denoiser_labels, raw_denoiser_label_files)
+from nnunet_sud.denoiser.evaluation import (DEFAULT_EVAL_SETTINGS, DenoiserEvaluator, evaluate_preprocessed_cases,
+                                            format_results)
+from nnunet_sud.denoiser.network import build_label_denoiser, check_label_manager_supported
+from nnunet_sud.errors import UserFacingError
+
+VALIDATION_JSON = "denoiser_validation.json"
+_HISTORY_KEY = "denoiser_eval"
+
+
+def _image_only(t) -> bool:
+    """True for transforms that only change the image (nnU-Net's intensity augmentation, masking)."""
+    from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
+    from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+    inner = t.transform if isinstance(t, RandomTransform) else t
+    return isinstance(inner, (ImageOnlyTransform, MaskImageTransform))
+
+
+def _drop_image_only(compose):
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    if isinstance(compose, ComposeTransforms):
+        return ComposeTransforms([t for t in compose.transforms if not _image_only(t)])
+    return compose
+
+
+class nnUNetTrainerLabelDenoiser(nnUNetTrainer):
+    """Label-map denoiser of SUD §3.4 (skip-free auto-encoder on corrupted one-hot labels)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        check_label_manager_supported(self.label_manager, f"{type(self).__name__}")
+        # the denoiser reads label maps only: no previous-stage segmentation even for cascade configs
+        self.is_cascaded = False
+        self.folder_with_segs_from_previous_stage = None
+
+        # corruption (SUD §3.4: sigma, s in [0, 8]); a number fixes the value, a pair is sampled uniformly
+        self.corruption_sigma = (0.0, 8.0)
+        self.corruption_scale = (0.0, 8.0)
+        self.corruption_interpolation = "linear"
+        # extra label maps without images (labelsDenoiser/, preprocessed); False: training split only
+        self.use_denoiser_labels = True
+        # noisy-vs-denoised validation at fixed (sigma, s)
+        self.denoiser_eval_settings = DEFAULT_EVAL_SETTINGS
+        self.denoiser_eval_every = 1          # epochs; 0 disables the per-epoch evaluation
+        self.denoiser_eval_max_cases = 4      # per-epoch subset of the validation cases (final: all)
+        self.denoiser_eval_seed = 12345
+        self._corruption = None
+        self._evaluator = None
+
+    # ------------------------------------------------------------------ network
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        """The skip-free auto-encoder; ``num_input_channels`` (image channels) is ignored: input = classes."""
+        return build_label_denoiser(plans_manager, configuration_manager, num_output_channels,
+                                    deep_supervision=enable_deep_supervision)
+
+    def initialize(self):
+        super().initialize()
+        self.num_input_channels = self.label_manager.num_segmentation_heads
+        hist = self._local_logging()
+        if hist is not None:
+            hist.setdefault(_HISTORY_KEY, [])
+
+    def _plain_network(self) -> torch.nn.Module:
+        """The network without DDP / torch.compile wrappers (shares the parameters)."""
+        from torch._dynamo import OptimizedModule
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    @property
+    def corruption(self) -> LabelMapCorruption:
+        if self._corruption is None:
+            self._corruption = LabelMapCorruption(self.corruption_sigma, self.corruption_scale,
+                                                  self.corruption_interpolation)
+        return self._corruption
+
+    # ------------------------------------------------------------------ data
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        """nnU-Net's training transforms without the image-only (intensity) ones."""
+        return _drop_image_only(nnUNetTrainer.get_training_transforms(*args, **kwargs))
+
+    def _denoiser_labels_dataset(self):
+        if not self.use_denoiser_labels:
+            return None
+        folder = denoiser_labels_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
+        extra = open_denoiser_labels(self.dataset_class, folder)
+        n_pre = 0 if extra is None else len(extra.identifiers)
+        from nnunetv2.paths import nnUNet_raw
+        if nnUNet_raw:
+            raw = raw_denoiser_label_files(join(nnUNet_raw, self.plans_manager.dataset_name),
+                                           self.dataset_json["file_ending"])
+            if len(raw) > n_pre:
+                raise UserFacingError(
+                    f"{join(nnUNet_raw, self.plans_manager.dataset_name, DENOISER_LABELS_RAW_FOLDER)} holds {len(raw)} "
+                    f"label maps but only {n_pre} are preprocessed in {folder}. Run: nnunet-sud "
+                    f"preprocess-denoiser-labels -d {dataset_id_of(self.plans_manager.dataset_name)} "
+                    f"-c {self.configuration_name} -p {self.plans_manager.plans_name}")
+        if extra is not None:
+            self.print_to_log_file(f"Denoiser: {n_pre} extra label maps from {folder}")
+        return extra
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        return LabelMapDataset([dataset_tr, self._denoiser_labels_dataset()]), LabelMapDataset([dataset_val])
+
+    # ------------------------------------------------------------------ steps
+    def _with_denoiser_input(self, batch: dict) -> dict:
+        """Replace the batch's images by corrupted one-hot maps of its (full-resolution) target.
+
+        batch['target']: (B, 1, *patch) labels, or the deep-supervision list of them.
+        Returns a new batch whose 'data' is (B, C, *patch) corrupted probabilities on the device.
+        """
+        target = batch["target"]
+        seg = (target[0] if isinstance(target, list) else target).to(self.device, non_blocking=True)
+        onehot = labels_to_one_hot(seg, self.label_manager.num_segmentation_heads)
+        batch = dict(batch)
+        batch["data"] = self.corruption(onehot)
+        return batch
+
+    def train_step(self, batch: dict) -> dict:
+        return super().train_step(self._with_denoiser_input(batch))
+
+    def validation_step(self, batch: dict) -> dict:
+        return super().validation_step(self._with_denoiser_input(batch))
+
+    # ------------------------------------------------------------------ noisy vs denoised evaluation
+    def _local_logging(self):
+        lg = getattr(self.logger, "local_logger", self.logger)
+        return getattr(lg, "my_fantastic_logging", None)
+
+    def _get_evaluator(self) -> DenoiserEvaluator:
+        if self._evaluator is None:
+            self._evaluator = DenoiserEvaluator(self._plain_network(), self.plans_manager, self.configuration_manager,
+                                                self.dataset_json, self.device, self.denoiser_eval_settings,
+                                                self.denoiser_eval_seed)
+        return self._evaluator
+
+    def _val_label_dataset(self, keys):
+        if self.dataset_class is None:
+            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        return LabelMapDataset([self.dataset_class(self.preprocessed_dataset_folder, list(keys))])
+
+    def evaluate_denoiser(self, max_cases=None) -> dict:
+        """Noisy-vs-denoised Dice/HD95 on the validation label maps at ``denoiser_eval_settings``."""
+        net = self._plain_network()
+        was_training = net.training
+        ds_state = net.decoder.deep_supervision
+        net.decoder.deep_supervision = False
+        net.eval()
+        try:
+            _, val_keys = self.do_split()
+            ds = self._val_label_dataset(val_keys)
+            return evaluate_preprocessed_cases(self._get_evaluator(), ds, ds.identifiers, max_cases)
+        finally:
+            net.decoder.deep_supervision = ds_state
+            net.train(was_training)
+
+    def _log_history(self, entry):
+        hist = self._local_logging()
+        if hist is None:
+            return
+        lst = hist.setdefault(_HISTORY_KEY, [])
+        while len(lst) < self.current_epoch:
+            lst.append(None)
+        if len(lst) == self.current_epoch:
+            lst.append(entry)
+        else:
+            lst[self.current_epoch] = entry
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        if self.local_rank != 0:
+            return
+        every = int(self.denoiser_eval_every or 0)
+        last = self.current_epoch == self.num_epochs - 1
+        if every <= 0 or not (self.current_epoch % every == 0 or last):
+            self._log_history(None)
+            return
+        res = self.evaluate_denoiser(self.denoiser_eval_max_cases)
+        self._log_history({"epoch": self.current_epoch, "num_cases": res["num_cases"],
+                           "settings": [{k: s[k] if k in ("sigma", "scale") else
+                                         {m: s[k][m] for m in ("dice", "hd95")} for k in s} for s in res["settings"]],
+                           "mean": res["mean"]})
+        self.print_to_log_file(f"Denoiser validation, noisy vs denoised ({res['num_cases']} case(s)):\n"
+                               + format_results(res), add_timestamp=False)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """Noisy-vs-denoised evaluation on all validation label maps -> ``denoiser_validation.json``.
+
+        Replaces nnU-Net's image prediction (meaningless for a denoiser); ``save_probabilities``
+        is ignored.
+        """
+        if self.local_rank != 0:
+            return
+        res = self.evaluate_denoiser(None)
+        hist = self._local_logging() or {}
+        out = {"trainer": type(self).__name__, "configuration": self.configuration_name,
+               "fold": self.fold, "plans": self.plans_manager.plans_name,
+               "corruption_train": {"sigma": list(self.corruption.sigma), "scale": list(self.corruption.scale),
+                                    "interpolation": self.corruption.interpolation},
+               "final": res, "history": [h for h in hist.get(_HISTORY_KEY, []) if h is not None]}
+        save_json(_jsonable(out), join(self.output_folder, VALIDATION_JSON), sort_keys=False)
+        self.print_to_log_file("Denoiser validation (all validation cases), noisy vs denoised:\n"
+                               + format_results(res), also_print_to_console=True, add_timestamp=False)
+        self.print_to_log_file(f"written {join(self.output_folder, VALIDATION_JSON)}")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
