@@ -11,6 +11,7 @@ import sys
 
 # order = order in --help
 COMMAND_MODULES = [
+    "nnunet_sud.demo",                           # demo
     "nnunet_sud.paths",                          # trainer-path
     "nnunet_sud.dataset_conversion.synthetic",   # synthetic
     "nnunet_sud.dataset_conversion.convert",     # convert
@@ -18,6 +19,7 @@ COMMAND_MODULES = [
     "nnunet_sud.denoiser.preprocess",            # preprocess-denoiser-labels
     "nnunet_sud.evaluation.evaluate",            # evaluate
     "nnunet_sud.evaluation.compare",             # compare
+    "nnunet_sud.postdenoise_cli",                # build-postdenoise
 ]
 
 

@@ -7,6 +7,7 @@ trainer variant changes a schedule by assigning another object (batchgeneratorsv
     LinearRamp(1, 0)(t)          = 1 - t                    SUD's alpha (1 down to 0)
     GaussianRampUp(0.1)(t)       = 0.1 exp(-5 (1 - t)^2)    mean teacher / UA-MT consistency
                                                             weight (Laine & Aila 2017; Yu et al. 2019)
+    GaussianRampBetween(a, b)(t) = a + (b - a) exp(-5 (1 - t)^2)    UA-MT's uncertainty threshold ramp
     Constant(c)(t)               = c
 """
 import math
@@ -52,3 +53,14 @@ class GaussianRampUp(Schedule):
     def __call__(self, t: float) -> float:
         u = min(max(t / self.t_end, 0.0), 1.0)
         return self.max_value * math.exp(-5.0 * (1.0 - u) ** 2)
+
+
+class GaussianRampBetween(Schedule):
+    """start + (end - start) * exp(-5 (1 - clip(t, 0, 1))^2): UA-MT's threshold fraction (0.75 -> 1)."""
+
+    def __init__(self, start: float, end: float):
+        self.start, self.end = float(start), float(end)
+
+    def __call__(self, t: float) -> float:
+        u = min(max(float(t), 0.0), 1.0)
+        return self.start + (self.end - self.start) * math.exp(-5.0 * (1.0 - u) ** 2)

@@ -1,0 +1,197 @@
+"""``nnUNetTrainerDAEUncertainty``: uncertainty from a labeling representation (seed 001) on nnU-Net.
+
+    nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerLabelDenoiser     # the DAE, once
+    nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerDAEUncertainty
+
+Seed 001 ("Leveraging Labeling Representations in Uncertainty-Based Semi-supervised
+Segmentation"), §2.1-2.3: a mean teacher whose consistency is weighted by an uncertainty read
+off a pre-trained denoising auto-encoder of label maps, with a single DAE inference per step:
+
+    p_s   = softmax f(x_u; theta_s)                       student on the unlabeled patch
+    p_t   = softmax f(x_u + xi; theta_t)                  EMA teacher on the noisy patch
+    p_hat = DAE(p_t)                                      plausible segmentation (one inference)
+    U_v   = ||p_hat_v - p_t_v||^2                         (sum over classes), in [0, 2]
+    w_v   = exp(-kappa U_v),  kappa = 1
+    L_c   = sum_v w_v ||p_s,v - p_t,v||^2 / sum_v w_v
+    L     = L_sup + lambda_c(t) L_c,  lambda_c(t) = 0.1 exp(-5 (1 - t)^2)
+
+with xi ~ clip(N(0, 0.1^2), -0.2, 0.2) and EMA decay 0.99 as in its UA-MT code base. The DAE is
+this package's label denoiser (``nnUNetTrainerLabelDenoiser``: skip-free auto-encoder planned from
+the same plans; the paper's DAE is a skip-free V-net with a dense bottleneck, trained with its
+own label corruptions). It is applied to the teacher softmax via
+``nnunet_sud.denoiser.corruption.apply_denoiser`` (log -> clip [-3, 0] -> softmax -> DAE ->
+softmax), loaded once at the start of training with ``load_denoiser`` (the default location or
+``$nnUNet_denoiser``; a missing denoiser stops training before anything is built, naming the
+``nnUNetv2_train ... -tr nnUNetTrainerLabelDenoiser`` command). It is *not* part of
+``self.network``: checkpoints and ``nnUNetv2_predict`` contain and use the student only.
+
+Ablations (small subclasses below):
+    Table 3  ``_threshold``  binary mask w_v = [U_v < H(t)] with UA-MT's threshold ramp
+                             H(t) = (0.75 + 0.25 exp(-5 (1 - t)^2)) ln C (our choice: the paper
+                             says only "threshold strategy ... from UAMT")
+             ``_entropy``    U_v = entropy of the mean of {p_t, p_hat} (UA-MT's entropy of the
+                             mean prediction, with the teacher and its DAE reconstruction as the
+                             set of predictions; our reading of "entropy scheme"), w_v = exp(-kappa U_v)
+    Table 4  ``_kappa{0p1,0p5,2,5}``   kappa in {0.1, 0.5, 2, 5} (lambda_max = 0.1)
+             ``_lambda{0p01,0p05,0p5,1}`` lambda_max in {0.01, 0.05, 0.5, 1} (kappa = 1)
+Deep supervision: full-resolution outputs only (see ``teacher.py``).
+"""
+import math
+from typing import Dict, Tuple
+
+import torch
+
+from nnunet_sud.denoiser.corruption import apply_denoiser
+from nnunet_sud.losses.consistency import dae_uncertainty, entropy, exp_reliability, threshold_mask, weighted_consistency
+from nnunet_sud.schedules import GaussianRampUp
+from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
+from nnunet_sud.schedules import GaussianRampBetween
+
+
+class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
+    """Mean teacher with voxel weights exp(-kappa ||DAE(p_t) - p_t||^2) (seed 001)."""
+
+    extra_log_keys = ("uncertainty_mean", "reliability_mean")
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.require_exclusive_classes()
+        #: kappa, the uncertainty weighting factor of w = exp(-kappa U)
+        self.kappa = 1.0
+        #: ||.||^2 of the paper: sum over classes
+        self.consistency_class_reduction = "sum"
+        self.denoiser = None
+
+    # ------------------------------------------------------------------ the denoiser
+    def load_denoiser(self) -> torch.nn.Module:
+        """The trained label denoiser (frozen, eval mode, on ``self.device``); ``UserFacingError`` if missing."""
+        from nnunet_sud.denoiser.loading import load_denoiser
+        return load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
+                             self.configuration_name, self.fold, self.device)
+
+    def on_train_start(self):
+        self.check_unlabeled_data()      # both checks before the network and the loaders are built
+        self.denoiser = self.load_denoiser()
+        self.print_to_log_file(f"Label denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
+        super().on_train_start()
+
+    # ------------------------------------------------------------------ the terms
+    def uncertainty(self, p_t: torch.Tensor, p_hat: torch.Tensor) -> torch.Tensor:
+        """U = ||p_hat - p_t||^2 per voxel: (B, C, *patch) x 2 -> (B, *patch)."""
+        return dae_uncertainty(p_hat, p_t)
+
+    def reliability(self, u: torch.Tensor, t: float) -> torch.Tensor:
+        """w = exp(-kappa U): (B, *patch) -> (B, *patch) in (0, 1]."""
+        return exp_reliability(u, self.kappa)
+
+    def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor, p_hat: torch.Tensor, t: float):
+        """L_c = sum_v w_v ||p_s,v - p_t,v||^2 / sum_v w_v.
+
+        Args:
+            p_s: (B, C, *patch) student softmax (with gradient).
+            p_t: (B, C, *patch) teacher softmax.
+            p_hat: (B, C, *patch) denoised teacher softmax DAE(p_t).
+            t: training progress in [0, 1].
+        Returns:
+            (L_c scalar, U (B, *patch), w (B, *patch)).
+        """
+        u = self.uncertainty(p_t, p_hat)
+        w = self.reliability(u, t)
+        return weighted_consistency(p_s, p_t, w, self.consistency_class_reduction), u, w
+
+    # ------------------------------------------------------------------ the step
+    def unlabeled_loss(self, batch_u: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        x = batch_u["data"]                                              # (B, C_in, *patch)
+        p_s = self.probabilities(self.student_logits(x))                 # f(x; theta_s)
+        p_t = self.probabilities(self.teacher_logits(self.perturb(x)))   # f(x + xi; theta_t)
+        p_hat = apply_denoiser(self.denoiser, p_t)                       # DAE(p_t), one inference
+        loss, u, w = self.consistency_loss(p_s, p_t, p_hat, self.training_progress())
+        return loss, {"uncertainty_mean": float(u.mean()), "reliability_mean": float(w.mean())}
+
+
+# ---------------------------------------------------------------------- Table 3 ablations
+class nnUNetTrainerDAEUncertainty_threshold(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 3 "Ours (threshold)": w_v = [U_v < H(t)], H(t) = (0.75 + 0.25 exp(-5(1-t)^2)) ln C."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.threshold_fraction = GaussianRampBetween(0.75, 1.0)
+
+    def reliability(self, u, t):
+        return threshold_mask(u, self.threshold_fraction(t) * math.log(self.label_manager.num_segmentation_heads))
+
+
+class nnUNetTrainerDAEUncertainty_entropy(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 3 "Ours (entropy)": U_v = H((p_t + p_hat) / 2), w_v = exp(-kappa U_v)."""
+
+    def uncertainty(self, p_t, p_hat):
+        return entropy(0.5 * (p_t.float() + p_hat.float()))
+
+
+# ---------------------------------------------------------------------- Table 4 ablations
+class nnUNetTrainerDAEUncertainty_kappa0p1(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 4: kappa = 0.1."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.kappa = 0.1
+
+
+class nnUNetTrainerDAEUncertainty_kappa0p5(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 4: kappa = 0.5."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.kappa = 0.5
+
+
+class nnUNetTrainerDAEUncertainty_kappa2(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 4: kappa = 2."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.kappa = 2.0
+
+
+class nnUNetTrainerDAEUncertainty_kappa5(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 4: kappa = 5."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.kappa = 5.0
+
+
+class nnUNetTrainerDAEUncertainty_lambda0p01(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 4: lambda_c(t) = 0.01 exp(-5 (1 - t)^2)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unlabeled_weight = GaussianRampUp(0.01)
+
+
+class nnUNetTrainerDAEUncertainty_lambda0p05(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 4: lambda_c(t) = 0.05 exp(-5 (1 - t)^2)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unlabeled_weight = GaussianRampUp(0.05)
+
+
+class nnUNetTrainerDAEUncertainty_lambda0p5(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 4: lambda_c(t) = 0.5 exp(-5 (1 - t)^2)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unlabeled_weight = GaussianRampUp(0.5)
+
+
+class nnUNetTrainerDAEUncertainty_lambda1(nnUNetTrainerDAEUncertainty):
+    """Seed 001 Table 4: lambda_c(t) = 1 exp(-5 (1 - t)^2)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unlabeled_weight = GaussianRampUp(1.0)
+
+
+__all__ = sorted(n for n in dir() if n.startswith("nnUNetTrainerDAEUncertainty"))

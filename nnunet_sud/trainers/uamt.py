@@ -1,0 +1,108 @@
+"""``nnUNetTrainerUAMT``: uncertainty-aware mean teacher (Yu et al., MICCAI 2019) on nnU-Net.
+
+    nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerUAMT
+
+The UAMT baseline of seed 001 (Tables 1-3), as in UA-MT's reference implementation:
+
+    p_s = softmax f(x_u; theta_s)                    student on the unlabeled patch
+    p_t = softmax f(x_u + xi_0; theta_t)             teacher on the noisy patch (the target)
+    mu  = 1/K sum_k softmax f(x_u + xi_k; theta_t)   K = 8 further stochastic teacher passes
+    U_v = - sum_c mu_v,c log(mu_v,c + 1e-6)          uncertainty: entropy of the mean prediction
+    H(t) = (0.75 + 0.25 exp(-5 (1 - t)^2)) ln C      threshold ramp (reference: ln 2, C = 2)
+    m_v = [U_v < H(t)]                               reliable voxels
+    L_c = sum_v m_v mean_c (p_s - p_t)^2 / sum_v m_v (masked MSE normalised by the mask count)
+    L = L_sup + lambda_c(t) L_c,  lambda_c(t) = 0.1 exp(-5 (1 - t)^2)
+
+with xi ~ clip(N(0, 0.1^2), -0.2, 0.2) drawn independently per pass, t the training progress
+(the reference code uses iteration / max_iterations for the threshold), and the EMA teacher of
+``teacher.py``. The reference divides by ``2 * sum(mask)`` with 2 = C: the mean over classes of
+the masked voxels, which is what ``mean_c`` above expresses for any C. Its ramp is
+``0.75 + 0.25 * sigmoid_rampup`` where sigmoid_rampup(t) = exp(-5 (1 - t)^2), so H(0) =
+0.7517 ln C (not exactly 0.75 ln C) and H(1) = ln C.
+
+Speed: the K passes run as one teacher forward of K * B samples (``mc_passes_per_forward = None``)
+or in chunks of that many passes per forward (less memory). That is K + 1 teacher forwards' worth
+of compute per step -- the cost seed 001 removes with its single denoiser inference.
+Deep supervision: full-resolution outputs only (see ``teacher.py``). Inference uses the student.
+"""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from nnunet_sud.losses.consistency import mc_entropy, threshold_mask, weighted_consistency
+from nnunet_sud.schedules import GaussianRampBetween
+from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
+
+
+class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
+    """Mean teacher whose consistency is restricted to voxels of low Monte-Carlo uncertainty."""
+
+    extra_log_keys = ("uncertainty_threshold", "mask_fraction", "uncertainty_mean")
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.require_exclusive_classes()
+        #: K, stochastic teacher passes for the uncertainty (UA-MT: 8)
+        self.mc_passes = 8
+        #: passes per teacher forward (None: all K in one forward of K * B samples)
+        self.mc_passes_per_forward: Optional[int] = None
+        #: H(t) / ln C
+        self.threshold_fraction = GaussianRampBetween(0.75, 1.0)
+        self.consistency_class_reduction = "mean"
+
+    # ------------------------------------------------------------------ the terms
+    def uncertainty_threshold(self, t: float) -> float:
+        """H(t) = threshold_fraction(t) * ln C (C = number of classes incl. background)."""
+        return self.threshold_fraction(t) * math.log(self.label_manager.num_segmentation_heads)
+
+    def mc_teacher_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """K stochastic teacher passes, batched.
+
+        x: (B, C_in, *patch). Returns (K, B, C, *patch) softmaxes of the teacher on
+        x + xi_k, each pass with its own noise, run as ceil(K / passes_per_forward) forwards of
+        passes_per_forward * B samples.
+        """
+        k_total = int(self.mc_passes)
+        if k_total < 1:
+            raise ValueError(f"mc_passes must be at least 1, got {self.mc_passes}")
+        per = int(self.mc_passes_per_forward or k_total)
+        chunks = []
+        for start in range(0, k_total, per):
+            n = min(per, k_total - start)
+            x_rep = x.repeat(n, *([1] * (x.ndim - 1)))                  # (n * B, C_in, *patch), pass-major
+            chunks.append(self.probabilities(self.teacher_logits(self.perturb(x_rep))))
+        p = torch.cat(chunks, 0)
+        return p.view(k_total, x.shape[0], *p.shape[1:])
+
+    def uncertainty(self, p_k: torch.Tensor) -> torch.Tensor:
+        """U = entropy of the mean of the K passes: (K, B, C, *patch) -> (B, *patch)."""
+        return mc_entropy(p_k)
+
+    def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor, p_k: torch.Tensor, t: float):
+        """Masked MSE of UA-MT.
+
+        Args:
+            p_s: (B, C, *patch) student softmax (with gradient).
+            p_t: (B, C, *patch) teacher softmax on the noisy patch.
+            p_k: (K, B, C, *patch) softmaxes of the K stochastic teacher passes.
+            t: training progress in [0, 1] (for the threshold ramp).
+        Returns:
+            (L_c scalar, U (B, *patch), mask (B, *patch) float, threshold float).
+        """
+        u = self.uncertainty(p_k)
+        threshold = self.uncertainty_threshold(t)
+        mask = threshold_mask(u, threshold)
+        loss = weighted_consistency(p_s, p_t, mask, self.consistency_class_reduction)
+        return loss, u, mask, threshold
+
+    # ------------------------------------------------------------------ the step
+    def unlabeled_loss(self, batch_u: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
+        x = batch_u["data"]                                              # (B, C_in, *patch)
+        p_s = self.probabilities(self.student_logits(x))                 # f(x; theta_s)
+        p_t = self.probabilities(self.teacher_logits(self.perturb(x)))   # f(x + xi_0; theta_t)
+        p_k = self.mc_teacher_probabilities(x)                           # f(x + xi_k; theta_t), k = 1..K
+        loss, u, mask, threshold = self.consistency_loss(p_s, p_t, p_k, self.training_progress())
+        return loss, {"uncertainty_threshold": threshold, "mask_fraction": float(mask.mean()),
+                      "uncertainty_mean": float(u.mean())}
