@@ -93,6 +93,20 @@ def test_sud_train_interrupt_resume_predict(synthetic3d, tiny_denoiser, nnunet_d
 
 
 @pytest.mark.e2e
+def test_sud_mean_teacher_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path):
+    trainer = "nnUNetTrainerSUDMeanTeacher_tiny"
+    fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
+    shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
+    run_cmd(["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
+            env=dict(os.environ, nnUNet_denoiser=tiny_denoiser))
+    state = torch.load(os.path.join(fold, "checkpoint_final_extra_state.pth"), weights_only=False)
+    assert state["ema_step"] == 6 and "teacher_weights" in state  # one EMA update per step, kept for --c
+    ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)
+    assert not any(k.startswith("teacher") for k in ckpt["network_weights"])  # inference: the student only
+    _predict_one(synthetic3d, trainer, tmp_path)
+
+
+@pytest.mark.e2e
 def test_te_train_predict(synthetic3d, nnunet_dirs, tmp_path):
     trainer = "nnUNetTrainerTE_tiny"
     fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)

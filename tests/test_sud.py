@@ -94,6 +94,36 @@ def test_beta0_is_temporal_ensembling_and_alpha1_beta1_is_the_red_step(sud):
     assert torch.allclose(z3, torch.softmax(L, 1).expand_as(z3), atol=1e-6)  # z = a(f)
 
 
+def test_sud_mean_teacher_target_is_the_denoised_teacher_prediction(synthetic3d):
+    from nnunet_sud.trainers import nnUNetTrainerSUDMeanTeacher
+    t = make_trainer(synthetic3d, nnUNetTrainerSUDMeanTeacher)
+    assert t.beta == pytest.approx(0.05) and t.unlabeled_weight(0.5) == pytest.approx(2.0)
+    t.initialize()
+    t.teacher.copy_from(t.network)
+    with torch.no_grad():  # make the teacher differ from the student
+        for p in t.teacher.module.parameters():
+            p.mul_(0.9)
+    L = torch.tensor([0.2, 1.0, -1.0, 0.5]).reshape(1, 4, 1, 1, 1)
+    t.denoiser = ConstantDenoiser(L)
+    patch = tuple(t.configuration_manager.patch_size)
+    x = torch.randn(1, 1, *patch)
+    valid = torch.ones((1, *patch), dtype=torch.bool)
+    captured = {}
+    orig = t.soft_target_loss
+
+    def capture(outputs, z, v):
+        captured["z"] = z
+        return orig(outputs, z, v)
+    t.soft_target_loss = capture
+    t.unlabeled_loss({"data": x, "valid": valid})
+    with torch.no_grad():
+        f_t = torch.softmax(t.teacher.module(x).float(), 1)
+        f_s = torch.softmax(t.network(x)[0].float(), 1)
+    expected = 0.05 * torch.softmax(L, 1).expand_as(f_t) + 0.95 * f_t
+    assert torch.allclose(captured["z"], expected, atol=1e-5)
+    assert not torch.allclose(captured["z"], 0.05 * torch.softmax(L, 1).expand_as(f_s) + 0.95 * f_s, atol=1e-3)
+
+
 def test_loss_is_soft_dice_on_valid_voxels_and_needs_no_gradient_through_z(sud):
     from nnunet_sud.losses.soft_targets import soft_dice_loss
     logits = torch.randn(2, 4, 4, 4, 4, requires_grad=True)

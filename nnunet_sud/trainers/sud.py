@@ -41,12 +41,14 @@ from nnunet_sud.losses.soft_targets import downsample_targets, soft_dice_loss, s
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.targets.store import SoftTargetStore
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
+from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
 
 STORE_DIR = "soft_targets"
 
 
-class nnUNetTrainerSUD(nnUNetTrainerSemiSupervised):
-    """SUD (eq. 8). Variants change the class attributes below (see ``sud_variants.py``)."""
+class DenoisedTargetsMixin:
+    """What SUD and SUD-MT share: lambda/beta hyper-parameters, the denoiser, the spatial
+    denoising step beta a(f) + (1 - beta) f and the soft-target loss D(z, f)."""
 
     #: lambda_max of the linear ramp of the unlabeled weight lambda
     lambda_max: float = 4.0
@@ -54,34 +56,20 @@ class nnUNetTrainerSUD(nnUNetTrainerSemiSupervised):
     beta: Optional[float] = None
     #: add KL(z || f) to the soft Dice (the paper's kidney task)
     use_kl: bool = False
-    #: keep fold_X/soft_targets after training
-    keep_soft_targets: bool = False
-    #: snapshot the store with checkpoint_best too (exact --c from best; costs a copy per new best)
-    snapshot_store_for_best: bool = True
 
-    extra_log_keys = ("alpha", "beta", "target_new_fraction")
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
+    def _configure_denoised_targets(self):
         if self.beta is None:
             self.beta = 0.2 / self.lambda_max
         self.unlabeled_weight = LinearRamp(0.0, self.lambda_max)
-        self.alpha = LinearRamp(1.0, 0.0)
         self.denoiser = None
-        self.store = SoftTargetStore(os.path.join(self.output_folder, STORE_DIR),
-                                     self.label_manager.num_segmentation_heads)
-        self._store_restored = False
-        self._store_snapshot = None
         #: seconds spent per component (read by benchmarks/sud_speed.py)
         self.component_times = defaultdict(float)
 
-    # ------------------------------------------------------------------ set-up
     def needs_denoiser(self) -> bool:
         return self.beta > 0
 
-    def on_train_start(self):
-        self.check_unlabeled_data()
+    def load_target_denoiser(self):
+        """Check labels and load the trained denoiser (clear error, before any training)."""
         if self.label_manager.has_regions:
             from nnunet_sud.errors import UserFacingError
             raise UserFacingError(f"{type(self).__name__} needs plain integer labels (softmax outputs); the dataset "
@@ -90,14 +78,8 @@ class nnUNetTrainerSUD(nnUNetTrainerSemiSupervised):
             from nnunet_sud.denoiser.loading import load_denoiser
             self.denoiser = load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
                                           self.configuration_name, self.fold, self.device)
-            self.print_to_log_file(f"SUD denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
-        if not self._store_restored and self.local_rank == 0:
-            self.store.clear()  # a fresh training starts without targets
-        if self.is_ddp:
-            dist.barrier()
-        super().on_train_start()
+            self.print_to_log_file(f"denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
 
-    # ------------------------------------------------------------------ the method
     def spatial_denoise(self, f: torch.Tensor) -> torch.Tensor:
         """beta a(f) + (1 - beta) f   for f (B, C, *P) probabilities (no gradient)."""
         if self.beta == 0:
@@ -106,20 +88,6 @@ class nnUNetTrainerSUD(nnUNetTrainerSemiSupervised):
         a_f = apply_denoiser(self.denoiser, f)
         self.component_times["denoiser"] += time.perf_counter() - t0
         return self.beta * a_f + (1 - self.beta) * f
-
-    @torch.no_grad()
-    def soft_targets(self, f: torch.Tensor, batch_u: dict, alpha: float) -> torch.Tensor:
-        """z_n = alpha (beta a(f_n) + (1 - beta) f_n) + (1 - alpha) z_n^-   (eq. 8), stored back."""
-        current = self.spatial_denoise(f)
-        t0 = time.perf_counter()
-        z_prev = self.store.read(batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"])
-        first_visit = torch.isnan(z_prev).any(1, keepdim=True)
-        z = torch.where(first_visit, current, alpha * current + (1 - alpha) * z_prev)
-        self.store.write(batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"], z)
-        self.component_times["store"] += time.perf_counter() - t0
-        self._new_fraction = float(first_visit[:, 0][batch_u["valid"]].float().mean()) \
-            if batch_u["valid"].any() else 0.0
-        return z
 
     def soft_target_loss(self, outputs, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """D(z, f) summed over deep-supervision outputs with nnU-Net's weights."""
@@ -136,6 +104,53 @@ class nnUNetTrainerSUD(nnUNetTrainerSemiSupervised):
                 term = term + soft_kl_loss(torch.log_softmax(o, 1), z_s, m_s)
             loss = loss + w * term
         return loss
+
+
+class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
+    """SUD (eq. 8). Variants change the class attributes (``lambda_max``, ``beta``, ``use_kl``; see
+    ``sud_variants.py``)."""
+
+    #: keep fold_X/soft_targets after training
+    keep_soft_targets: bool = False
+    #: snapshot the store with checkpoint_best too (exact --c from best; costs a copy per new best)
+    snapshot_store_for_best: bool = True
+
+    extra_log_keys = ("alpha", "beta", "target_new_fraction")
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._configure_denoised_targets()
+        self.alpha = LinearRamp(1.0, 0.0)
+        self.store = SoftTargetStore(os.path.join(self.output_folder, STORE_DIR),
+                                     self.label_manager.num_segmentation_heads)
+        self._store_restored = False
+        self._store_snapshot = None
+
+    # ------------------------------------------------------------------ set-up
+    def on_train_start(self):
+        self.check_unlabeled_data()
+        self.load_target_denoiser()
+        if not self._store_restored and self.local_rank == 0:
+            self.store.clear()  # a fresh training starts without targets
+        if self.is_ddp:
+            dist.barrier()
+        super().on_train_start()
+
+    # ------------------------------------------------------------------ the method
+    @torch.no_grad()
+    def soft_targets(self, f: torch.Tensor, batch_u: dict, alpha: float) -> torch.Tensor:
+        """z_n = alpha (beta a(f_n) + (1 - beta) f_n) + (1 - alpha) z_n^-   (eq. 8), stored back."""
+        current = self.spatial_denoise(f)
+        t0 = time.perf_counter()
+        z_prev = self.store.read(batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"])
+        first_visit = torch.isnan(z_prev).any(1, keepdim=True)
+        z = torch.where(first_visit, current, alpha * current + (1 - alpha) * z_prev)
+        self.store.write(batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"], z)
+        self.component_times["store"] += time.perf_counter() - t0
+        self._new_fraction = float(first_visit[:, 0][batch_u["valid"]].float().mean()) \
+            if batch_u["valid"].any() else 0.0
+        return z
 
     def unlabeled_loss(self, batch_u: dict):
         outputs = self.network(batch_u["data"])
@@ -190,3 +205,31 @@ class nnUNetTrainerTE(nnUNetTrainerSUD):
     """Temporal ensembling: SUD with beta = 0, z_n = alpha f_n + (1 - alpha) z_n^- (no denoiser)."""
     beta = 0.0
     extra_log_keys = ("alpha", "target_new_fraction")
+
+
+class nnUNetTrainerSUDMeanTeacher(DenoisedTargetsMixin, nnUNetTrainerMeanTeacherBase):
+    """SUD's proposed extension (Young et al. §5.1, Fig. 18) in a memory-free form: the soft target
+    comes from an EMA teacher's prediction on the same patch, denoised in space, no store:
+
+        f_t = teacher(u_n),   z_n = beta a(f_t) + (1 - beta) f_t,   L = L_sup + lambda D(z_n, f(u_n | Theta))
+
+    The temporal averaging of SUD's per-image targets is done by the teacher's weights instead
+    (EMA decay 0.99). lambda ramps 0 -> lambda_max = 4 and beta = 0.2 / lambda_max, as SUD.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._configure_denoised_targets()
+
+    def on_train_start(self):
+        self.check_unlabeled_data()
+        self.load_target_denoiser()
+        super().on_train_start()
+
+    def unlabeled_loss(self, batch_u: dict):
+        outputs = self.network(batch_u["data"])
+        with torch.no_grad():
+            f_t = torch.softmax(self.teacher_logits(batch_u["data"]).float(), 1)
+            z = self.spatial_denoise(f_t)
+        return self.soft_target_loss(outputs, z, batch_u["valid"]), {}

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from nnunet_sud.trainers import nnUNetTrainerSUD, nnUNetTrainerTE
+from nnunet_sud.trainers import nnUNetTrainerSUD, nnUNetTrainerSUDMeanTeacher, nnUNetTrainerTE
 
 
 class _Tiny:
@@ -30,6 +30,12 @@ class nnUNetTrainerSUD_tiny(_Tiny, nnUNetTrainerSUD):
 
 
 class nnUNetTrainerTE_tiny(_Tiny, nnUNetTrainerTE):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._tiny()
+
+
+class nnUNetTrainerSUDMeanTeacher_tiny(_Tiny, nnUNetTrainerSUDMeanTeacher):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._tiny()
