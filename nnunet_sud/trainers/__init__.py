@@ -18,5 +18,8 @@ from nnunet_sud.trainers.dae_uncertainty import *  # noqa: F401,F403  (nnUNetTra
 from nnunet_sud.trainers.post_denoise import nnUNetTrainerPostDenoise  # noqa: F401
 from nnunet_sud.trainers.sud import nnUNetTrainerSUD, nnUNetTrainerSUDMeanTeacher, nnUNetTrainerTE  # noqa: F401
 from nnunet_sud.trainers.sud_variants import *  # noqa: F401,F403
+from nnunet_sud.trainers.sud2 import *  # noqa: F401,F403  (nnUNetTrainerSUD2 + one-change variants)
+from nnunet_sud.trainers.segmatch import *  # noqa: F401,F403  (nnUNetTrainerSegMatch + gating variants)
+from nnunet_sud.trainers.dmnet import *  # noqa: F401,F403  (nnUNetTrainerDMNet + ablation variants)
 
 __all__ = sorted(n for n in dir() if n.startswith("nnUNetTrainer"))

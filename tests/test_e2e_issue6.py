@@ -1,0 +1,129 @@
+"""SUD^2, SegMatch and DMNet end to end through nnUNetv2_train / nnUNetv2_predict on CPU, with the
+tiny schedules of tests/ext_trainers/issue6_variants.py (2 epochs x 3 iterations). DMNet is
+interrupted in epoch 1 and resumed with --c: the discriminator (extra state) and the second
+decoder (network weights) come back as the checkpoint stored them."""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import run_cmd
+
+
+def _fold(results, dataset, trainer):
+    return os.path.join(results, dataset, f"{trainer}__nnUNetPlans__3d_fullres", "fold_0")
+
+
+def _train_cmd(synthetic3d, trainer):
+    return ["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"]
+
+
+def _predict_one(synthetic3d, trainer, tmp_path):
+    inp = tmp_path / f"in_{trainer}"
+    inp.mkdir()
+    shutil.copy(os.path.join(synthetic3d["raw"], "imagesTs", "syn_ts_000_0000.nii.gz"), inp)
+    out = tmp_path / f"pred_{trainer}"
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_denoiser"}  # the model folder must suffice
+    run_cmd(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(synthetic3d["id"]), "-c", "3d_fullres",
+             "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env=env)
+    pred = sitk.ReadImage(str(out / "syn_ts_000.nii.gz"))
+    ref = sitk.ReadImage(os.path.join(synthetic3d["raw"], "labelsTs", "syn_ts_000.nii.gz"))
+    assert pred.GetSize() == ref.GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _adam_steps(optimizer_state):
+    return {int(s["step"]) for s in optimizer_state["state"].values()}
+
+
+@pytest.mark.e2e
+def test_sud2_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path):
+    trainer = "nnUNetTrainerSUD2_tiny"
+    fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
+    shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
+    out = run_cmd(_train_cmd(synthetic3d, trainer),
+                  env=dict(os.environ, nnUNet_denoiser=tiny_denoiser, SUD_TEST_SKIP_FINAL_VALIDATION="1"))
+    assert "noise levels [1.0, 0.5, 0.0]" in out and "latent_decorrelation" in out
+    ckpt = _load(os.path.join(fold, "checkpoint_final.pth"))
+    log = ckpt["logging"]
+    assert len(log["latent_decorrelation"]) == 2 and all(0 <= v <= 1 for v in log["latent_decorrelation"])
+    assert log["beta"] == [pytest.approx(0.05)] * 2
+    # the bottleneck wrapper keeps nnU-Net's state-dict keys: an ordinary nnU-Net model folder
+    assert all(k.startswith(("encoder.", "decoder.")) for k in ckpt["network_weights"])
+    assert not os.path.exists(os.path.join(fold, "soft_targets"))
+    _predict_one(synthetic3d, trainer, tmp_path)
+
+
+@pytest.mark.e2e
+def test_segmatch_train_predict(synthetic3d, nnunet_dirs, tmp_path):
+    trainer = "nnUNetTrainerSegMatch_tiny"
+    fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
+    shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
+    run_cmd(_train_cmd(synthetic3d, trainer), env=dict(os.environ, SUD_TEST_SKIP_FINAL_VALIDATION="1"))
+    ckpt = _load(os.path.join(fold, "checkpoint_final.pth"))
+    log = ckpt["logging"]
+    for k in ("pseudo_label_fraction", "discriminator_score", "discriminator_loss"):
+        assert len(log[k]) == 2 and all(np.isfinite(log[k])), k
+    assert all(0 <= v <= 1 for v in log["pseudo_label_fraction"] + log["discriminator_score"])
+    # the discriminator is beside the network, trained once per step
+    extra = _load(os.path.join(fold, "checkpoint_final_extra_state.pth"))
+    assert _adam_steps(extra["discriminator_optimizer"]) == {6}
+    assert not any("discrim" in k for k in ckpt["network_weights"])
+    _predict_one(synthetic3d, trainer, tmp_path)
+
+
+@pytest.mark.e2e
+def test_dmnet_interrupt_resume_predict(synthetic3d, nnunet_dirs, tmp_path):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunet_sud.trainers import nnUNetTrainerDMNet
+
+    trainer = "nnUNetTrainerDMNet_tiny"
+    fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
+    shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
+    train = _train_cmd(synthetic3d, trainer)
+    env = dict(os.environ, SUD_TEST_SKIP_FINAL_VALIDATION="1")
+
+    # killed after step 5 (in epoch 1): checkpoint_latest is from epoch 0, the discriminator moved on since
+    p = subprocess.run(train, env=dict(env, SUD_TEST_CRASH_AT_STEP="5"), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert p.returncode != 0 and "simulated crash after step 5" in p.stdout, p.stdout[-3000:]
+    latest = os.path.join(fold, "checkpoint_latest.pth")
+    extra = _load(os.path.join(fold, "checkpoint_latest_extra_state.pth"))
+    assert extra["current_epoch"] == 1 and _adam_steps(extra["discriminator_optimizer"]) == {3}
+    at_crash = _load(os.path.join(fold, "discriminator_at_crash.pth"))
+    saved = extra["discriminator_weights"]
+    assert any(not torch.equal(at_crash[k], v) for k, v in saved.items())
+    ckpt = _load(latest)
+    assert any(k.startswith("decoder.second.") for k in ckpt["network_weights"])
+
+    # resuming restores the checkpoint's discriminator and second decoder (in process, as --c does it)
+    pre = synthetic3d["preprocessed"]
+    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
+    plans["continue_training"] = True
+    t = nnUNetTrainerDMNet(plans, "3d_fullres", 0, load_json(os.path.join(pre, "dataset.json")), torch.device("cpu"))
+    t.load_checkpoint(latest)
+    assert t.current_epoch == 1
+    for k, v in t.discriminator.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    assert any(not torch.equal(v, at_crash[k]) for k, v in t.discriminator.state_dict().items())
+    assert _adam_steps(t.discriminator_optimizer.state_dict()) == {3}
+    for k, v in t.network.decoder.second.state_dict().items():
+        assert torch.equal(v, ckpt["network_weights"]["decoder.second." + k]), k
+
+    # ... and nnUNetv2_train --c finishes the run from there
+    out = run_cmd(train + ["--c"], env=env)
+    assert "Epoch 1" in out and "Epoch 0\n" not in out
+    final = _load(os.path.join(fold, "checkpoint_final_extra_state.pth"))
+    assert _adam_steps(final["discriminator_optimizer"]) == {6}  # 3 restored + 3 after resuming
+    log = _load(os.path.join(fold, "checkpoint_final.pth"))["logging"]
+    assert len(log["dice_difference"]) == 2 and all(0 <= v <= 1 for v in log["dice_difference"])
+    assert not os.path.exists(os.path.join(fold, "checkpoint_latest_extra_state.pth"))
+    _predict_one(synthetic3d, trainer, tmp_path)
