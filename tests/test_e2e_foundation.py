@@ -4,6 +4,7 @@ is found through nnUNet_extTrainer, trains on CPU, is interrupted, resumes with 
 model folder predicts with plain nnUNetv2_predict."""
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -128,4 +129,49 @@ def test_2d_configuration_trains_on_the_unlabeled_stream(synthetic3d):
         assert trainer.unlabeled_patches_seen == 2 * batch_u["data"].shape[0]
     finally:
         for dl in (trainer.dataloader_train, trainer.dataloader_val, trainer.dataloader_unlabeled):
+            dl._finish()
+
+
+def test_3d_lowres_configuration(synthetic3d):
+    """3d_lowres: a lower-resolution configuration with its own data identifier (nnU-Net plans it
+    only for large images, so it is added to a copy of the plans here), preprocessed by nnU-Net
+    and by preprocess-unlabeled, and trained on in process."""
+    import json
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunet_sud.trainers import nnUNetTrainerUnlabeledStats
+
+    pre = synthetic3d["preprocessed"]
+    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
+    plans["plans_name"] = "nnUNetPlansLowres"
+    plans["configurations"]["3d_lowres"] = {
+        "inherits_from": "3d_fullres", "data_identifier": "nnUNetPlansLowres_3d_lowres",
+        "spacing": [1.5, 1.5, 1.5], "patch_size": [16, 24, 24], "median_image_size_in_voxels": [16, 21, 21]}
+    with open(os.path.join(pre, "nnUNetPlansLowres.json"), "w") as f:
+        json.dump(plans, f)
+    run_cmd(["nnUNetv2_preprocess", "-d", str(synthetic3d["id"]), "-plans_name", "nnUNetPlansLowres",
+             "-c", "3d_lowres", "-np", "1"])
+    run_cmd([sys.executable, "-m", "nnunet_sud.cli", "preprocess-unlabeled", "-d", str(synthetic3d["id"]),
+             "-c", "3d_lowres", "-p", "nnUNetPlansLowres", "-np", "1"])
+    unl = os.path.join(pre, "nnUNetPlansLowres_3d_lowres_unlabeled")
+    assert len([f for f in os.listdir(unl) if f.endswith(".pkl")]) == 6
+
+    plans["continue_training"] = False
+    t = nnUNetTrainerUnlabeledStats(plans, "3d_lowres", 0, load_json(os.path.join(pre, "dataset.json")),
+                                    torch.device("cpu"))
+    t.num_epochs, t.num_iterations_per_epoch = 1, 2
+    t.on_train_start()
+    try:
+        b = next(t.dataloader_unlabeled)
+        assert b["data"].shape[2:] == (16, 24, 24)
+        # lowres cases are 16x21x21 (24x32x32 at 1 mm resampled to 1.5 mm): coordinates stay inside
+        assert tuple(b["case_shapes"][0].tolist()) == (16, 21, 21)
+        for ax, n in enumerate((16, 21, 21)):
+            c = b["coords"][:, ax][b["valid"]]
+            assert c.min() >= -1e-3 and c.max() <= n - 1 + 1e-3
+        assert (~b["valid"]).any()  # the 24-voxel patch is wider than the 21-voxel case: padding flagged
+        t.on_train_epoch_start()
+        out = t.train_step(next(t.dataloader_train))
+        assert np.isfinite(out["loss"])
+    finally:
+        for dl in (t.dataloader_train, t.dataloader_val, t.dataloader_unlabeled):
             dl._finish()
