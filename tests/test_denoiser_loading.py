@@ -58,6 +58,11 @@ def ckpts(synthetic3d, tmp_path_factory, nnunet_dirs):
     shutil.rmtree(default_denoiser_folder(synthetic3d["name"], PLANS, "2d", SCRATCH_FOLD), ignore_errors=True)
     shutil.rmtree(os.path.join(nnunet_dirs["nnUNet_results"], synthetic3d["name"], f"nnUNetTrainer__{PLANS}__{CFG}",
                                f"fold_{SCRATCH_FOLD}"), ignore_errors=True)
+    for model in (f"nnUNetTrainer__{PLANS}__{CFG}", f"nnUNetTrainerLabelDenoiser__{PLANS}__{CFG}",
+                  f"nnUNetTrainerLabelDenoiser__{PLANS}__2d"):
+        folder = os.path.join(nnunet_dirs["nnUNet_results"], synthetic3d["name"], model)
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def _variant(ckpts, name, edit):

@@ -46,7 +46,7 @@ def test_sud_train_interrupt_resume_predict(synthetic3d, tiny_denoiser, nnunet_d
     fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
     shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
     train = ["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"]
-    env = dict(os.environ, nnUNet_denoiser=tiny_denoiser)
+    env = dict(os.environ, nnUNet_denoiser=tiny_denoiser, SUD_TEST_SKIP_FINAL_VALIDATION="1")
 
     # without a denoiser SUD refuses before training, naming the command that makes one
     no_den = {k: v for k, v in env.items() if k != "nnUNet_denoiser"}
@@ -98,7 +98,7 @@ def test_sud_mean_teacher_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs,
     fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
     shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
     run_cmd(["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
-            env=dict(os.environ, nnUNet_denoiser=tiny_denoiser))
+            env=dict(os.environ, nnUNet_denoiser=tiny_denoiser, SUD_TEST_SKIP_FINAL_VALIDATION="1"))
     state = torch.load(os.path.join(fold, "checkpoint_final_extra_state.pth"), weights_only=False)
     assert state["ema_step"] == 6 and "teacher_weights" in state  # one EMA update per step, kept for --c
     ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)
@@ -112,6 +112,7 @@ def test_te_train_predict(synthetic3d, nnunet_dirs, tmp_path):
     fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
     shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_denoiser"}  # TE needs no denoiser
+    env["SUD_TEST_SKIP_FINAL_VALIDATION"] = "1"
     out = run_cmd(["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
                   env=env)
     assert "target_new_fraction" in out

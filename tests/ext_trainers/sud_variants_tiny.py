@@ -1,5 +1,6 @@
-"""Short schedules of SUD and TE for the test suite (a user's own variants). SUD_TEST_CRASH_AT_STEP=k
-raises after the k-th training step (counted from 1 over the whole run), like a killed job."""
+"""Short schedules of SUD, TE and SUD-MT for the test suite (a user's own variants).
+SUD_TEST_CRASH_AT_STEP=k raises after the k-th training step (counted from 1 over the whole run),
+like a killed job; SUD_TEST_SKIP_FINAL_VALIDATION=1 skips nnU-Net's final validation."""
 import os
 
 import torch
@@ -21,6 +22,12 @@ class _Tiny:
         if crash is not None and step == int(crash):
             raise RuntimeError(f"simulated crash after step {crash}")
         return out
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # the e2e tests check inference with nnUNetv2_predict; nnU-Net's validation of our base runs
+        # in test_e2e_foundation (SUD_TEST_SKIP_FINAL_VALIDATION as in mean_teacher_variants)
+        if os.environ.get("SUD_TEST_SKIP_FINAL_VALIDATION") != "1":
+            super().perform_actual_validation(save_probabilities)
 
 
 class nnUNetTrainerSUD_tiny(_Tiny, nnUNetTrainerSUD):
