@@ -18,11 +18,10 @@ Everything (nnU-Net folders, logs, predictions, report) lives in OUT; its path i
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.experiment import Experiment, check_trainers, needs_denoiser, schedule_variants_source
 
 DEMO_ID = 990
 DEMO_NAME = "Dataset990_SyntheticDemo"
@@ -37,148 +36,84 @@ SCHEDULES = {
                  labeled=8, unlabeled=64, test=16, shape=(48, 64, 64)),
 }
 DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerTE", "nnUNetTrainerSUD")
-NEEDS_DENOISER = ("SUD", "PostDenoise", "DAEUncertainty")
-
-
-def _variant_module(trainers, s) -> str:
-    lines = ['"""Demo schedules (written by nnunet-sud demo): a user\'s own trainer variants."""',
-             "import torch", "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
-             "from nnunet_sud.trainers import *  # noqa", ""]
-    for t in list(trainers) + ["nnUNetTrainerLabelDenoiser"]:
-        den = t == "nnUNetTrainerLabelDenoiser"
-        lines += [f"class {t}_demo({t}):",
-                  "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
-                  "        super().__init__(plans, configuration, fold, dataset_json, device)",
-                  f"        self.num_epochs = {s['den_epochs'] if den else s['epochs']}",
-                  f"        self.num_iterations_per_epoch = {s['den_iters'] if den else s['iters']}",
-                  f"        self.num_val_iterations_per_epoch = {s['val_iters']}", ""]
-    return "\n".join(lines) + "\n"
+CONFIGURATION = "3d_fullres"
 
 
 class Demo:
     def __init__(self, out: str, schedule: str, trainers, device: str, fold: int = 0):
         if schedule not in SCHEDULES:
             raise UserFacingError(f"--schedule must be one of {', '.join(SCHEDULES)}")
-        from nnunet_sud.trainers import __all__ as ours
-        known = set(ours) | {"nnUNetTrainer"}
-        for t in trainers:
-            if t not in known:
-                raise UserFacingError(f"--trainers: unknown trainer {t}; available: {', '.join(sorted(known))}")
-        self.out = os.path.abspath(out)
+        check_trainers(trainers)
         self.s = SCHEDULES[schedule]
         self.schedule = schedule
         self.trainers = list(dict.fromkeys(trainers))
-        self.device = device
         self.fold = fold
-        self.logs = os.path.join(self.out, "logs")
-        self.t0 = time.time()
-        from nnunet_sud.paths import ext_trainer_value
-        self.env = dict(os.environ,
-                        nnUNet_raw=os.path.join(self.out, "nnUNet_raw"),
-                        nnUNet_preprocessed=os.path.join(self.out, "nnUNet_preprocessed"),
-                        nnUNet_results=os.path.join(self.out, "nnUNet_results"),
-                        nnUNet_extTrainer=ext_trainer_value(os.path.join(self.out, "trainers")))
-        self.env.setdefault("nnUNet_n_proc_DA", "2")
-        self.env.setdefault("nnUNet_def_n_proc", "1")
-        self.env.pop("nnUNet_denoiser", None)
+        self.x = Experiment(out, device)
+        self.out = self.x.root
+        self.raw = self.x.raw_dir(DEMO_NAME)
 
-    # ------------------------------------------------------------------ helpers
     def say(self, msg: str):
-        print(f"[{time.time() - self.t0:6.0f} s] {msg}", flush=True)
+        self.x.say(msg)
 
-    def run(self, name: str, args):
-        """Run a command with its output in OUT/logs/<name>.log; fail with the log's tail."""
-        os.makedirs(self.logs, exist_ok=True)
-        log = os.path.join(self.logs, f"{name}.log")
-        self.say(f"{name}: {' '.join(map(str, args))}")
-        with open(log, "w") as f:
-            p = subprocess.run([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, env=self.env)
-        if p.returncode != 0:
-            tail = open(log).read()[-3000:]
-            raise UserFacingError(f"step '{name}' failed (exit {p.returncode}); log: {log}\n{tail}")
-        return log
-
-    def sud(self, *args):
-        return [sys.executable, "-m", "nnunet_sud.cli", *map(str, args)]
-
-    # ------------------------------------------------------------------ steps
     def prepare(self):
         from nnunet_sud.dataset_conversion.synthetic import generate_dataset
-        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            os.makedirs(self.env[k], exist_ok=True)
-        os.makedirs(os.path.join(self.out, "trainers"), exist_ok=True)
-        with open(os.path.join(self.out, "trainers", "demo_variants.py"), "w") as f:
-            f.write(_variant_module(self.trainers, self.s))
-        raw = os.path.join(self.env["nnUNet_raw"], DEMO_NAME)
-        if not os.path.isfile(os.path.join(raw, "dataset.json")):
-            self.say(f"1/6 generating {self.s['labeled']} labeled, {self.s['unlabeled']} unlabeled, "
-                     f"{self.s['test']} test cases")
-            generate_dataset(self.env["nnUNet_raw"], DEMO_ID, "3d", self.s["labeled"], self.s["unlabeled"],
-                             self.s["test"], seed=0, shape=self.s["shape"], name="SyntheticDemo")
-        pre = os.path.join(self.env["nnUNet_preprocessed"], DEMO_NAME)
+        s = self.s
+        budgets = {t: (s["epochs"], s["iters"]) for t in self.trainers}
+        budgets["nnUNetTrainerLabelDenoiser"] = (s["den_epochs"], s["den_iters"])
+        self.x.write_variants("demo_variants.py", schedule_variants_source(budgets, s["val_iters"], "_demo",
+                                                                          purpose="nnunet-sud demo"))
+        if not os.path.isfile(os.path.join(self.raw, "dataset.json")):
+            self.say(f"1/6 generating {s['labeled']} labeled, {s['unlabeled']} unlabeled, {s['test']} test cases")
+            generate_dataset(self.x.env["nnUNet_raw"], DEMO_ID, "3d", s["labeled"], s["unlabeled"], s["test"],
+                             seed=0, shape=s["shape"], name="SyntheticDemo")
+        pre = self.x.preprocessed_dir(DEMO_NAME)
         if not os.path.isfile(os.path.join(pre, "nnUNetPlans.json")):
             self.say("2/6 planning and preprocessing (labeled data only), then the unlabeled images")
-            self.run("plan_and_preprocess", ["nnUNetv2_plan_and_preprocess", "-d", DEMO_ID, "-c", "3d_fullres",
-                                             "-np", "2"])
+        self.x.plan_and_preprocess(DEMO_ID, DEMO_NAME, [CONFIGURATION])
         # fold 0: all labeled cases but the last train, the last validates (nnU-Net's 5-fold split needs
         # 5+ cases and would hold out more of the few labels)
-        labeled = sorted(f[:-len(".nii.gz")] for f in os.listdir(os.path.join(raw, "labelsTr")))
+        labeled = sorted(f[:-len(".nii.gz")] for f in os.listdir(os.path.join(self.raw, "labelsTr")))
         with open(os.path.join(pre, "splits_final.json"), "w") as f:
             json.dump([{"train": labeled[:-1], "val": labeled[-1:]}], f)
-        self.run("preprocess_unlabeled", self.sud("preprocess-unlabeled", "-d", DEMO_ID, "-c", "3d_fullres",
-                                                  "-np", "2"))
+        self.x.preprocess_unlabeled(DEMO_ID, CONFIGURATION)
 
     def fold_dir(self, trainer: str) -> str:
-        return os.path.join(self.env["nnUNet_results"], DEMO_NAME, f"{trainer}__nnUNetPlans__3d_fullres",
-                            f"fold_{self.fold}")
+        return self.x.fold_dir(DEMO_NAME, trainer, CONFIGURATION, self.fold)
 
-    def train(self, trainer: str):
-        if os.path.isfile(os.path.join(self.fold_dir(trainer), "checkpoint_final.pth")):
-            self.say(f"{trainer}: already trained")
-            return
-        self.run(f"train_{trainer}", ["nnUNetv2_train", DEMO_ID, "3d_fullres", self.fold, "-tr", trainer,
-                                      "-device", self.device])
+    def train(self, trainer: str, denoiser=None):
+        self.x.train(DEMO_ID, DEMO_NAME, CONFIGURATION, self.fold, trainer, log_name=f"train_{trainer}",
+                     denoiser=denoiser)
 
-    def predict_and_evaluate(self, trainer: str) -> str:
-        from batchgenerators.utilities.file_and_folder_operations import load_json
-        from nnunet_sud.evaluation.evaluate import classes_from_dataset_json, evaluate_folders, write_evaluation
+    def predict_and_evaluate(self, trainer: str, denoiser=None) -> str:
         pred = os.path.join(self.out, "predictions", trainer)
-        raw = os.path.join(self.env["nnUNet_raw"], DEMO_NAME)
-        self.run(f"predict_{trainer}", ["nnUNetv2_predict", "-i", os.path.join(raw, "imagesTs"), "-o", pred,
-                                        "-d", DEMO_ID, "-c", "3d_fullres", "-f", self.fold, "-tr", trainer,
-                                        "-device", self.device, "-npp", "1", "-nps", "1"]
-                 + (["--disable_tta"] if self.schedule != "long" else []))
-        dataset_json = load_json(os.path.join(raw, "dataset.json"))
-        classes, ignore = classes_from_dataset_json(dataset_json)
-        result = evaluate_folders(pred, os.path.join(raw, "labelsTs"), classes, dataset_json["file_ending"],
-                                  ignore_label=ignore)
-        prefix = os.path.join(self.out, "evaluation", trainer)
-        os.makedirs(os.path.dirname(prefix), exist_ok=True)
-        return write_evaluation(result, prefix)["json"]
+        self.x.predict(DEMO_ID, DEMO_NAME, CONFIGURATION, self.fold, trainer, os.path.join(self.raw, "imagesTs"),
+                       pred, tta=self.schedule == "long", log_name=f"predict_{trainer}", denoiser=denoiser)
+        return self.x.evaluate(self.raw, pred, os.path.join(self.out, "evaluation", trainer))
 
     def main(self) -> str:
         self.say(f"nnunet_sud demo ({self.schedule} schedule) in {self.out}")
         self.prepare()
         variants = [f"{t}_demo" for t in self.trainers]
-        if any(any(k in t for k in NEEDS_DENOISER) for t in self.trainers):
+        denoiser = None
+        if any(needs_denoiser(t) for t in self.trainers):
             self.say("3/6 training the label-map denoiser")
             self.train("nnUNetTrainerLabelDenoiser_demo")
-            self.env["nnUNet_denoiser"] = self.fold_dir("nnUNetTrainerLabelDenoiser_demo")
+            denoiser = self.fold_dir("nnUNetTrainerLabelDenoiser_demo")
         for i, v in enumerate(variants):
             self.say(f"4/6 training {v} ({i + 1}/{len(variants)}): {self.s['epochs']} epochs x {self.s['iters']} "
                      f"iterations")
-            self.train(v)
+            self.train(v, denoiser)
         evaluations = []
         for v in variants:
             self.say(f"5/6 predicting the test images with {v} and evaluating")
-            evaluations.append((v[:-len("_demo")], self.predict_and_evaluate(v)))
+            evaluations.append((v[:-len("_demo")], self.predict_and_evaluate(v, denoiser)))
         self.say("6/6 comparing")
         from nnunet_sud.evaluation.compare import compare
         report = os.path.join(self.out, "report")
         res = compare(evaluations, report, baseline=evaluations[0][0] if len(evaluations) > 1 else None)
         with open(os.path.join(self.out, "demo.json"), "w") as f:
-            json.dump({"schedule": self.schedule, "trainers": self.trainers, "device": self.device,
-                       "seconds": round(time.time() - self.t0), "report": res["files"]}, f, indent=1)
+            json.dump({"schedule": self.schedule, "trainers": self.trainers, "device": self.x.device,
+                       "seconds": round(time.time() - self.x.t0), "report": res["files"]}, f, indent=1)
         print(res["markdown"])
         self.say(f"done. Report: {os.path.join(report, 'comparison.md')}")
         print(self.out)

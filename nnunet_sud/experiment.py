@@ -1,0 +1,187 @@
+"""Experiments run the way a user types them: the shared machinery of ``nnunet-sud demo`` and the
+real-data benchmark (``benchmarks/ssl_quality.py``).
+
+* :func:`schedule_variants_source`: a training budget as nnU-Net trainer variants (a user's own
+  variant module, found through ``nnUNet_extTrainer``), e.g. ``nnUNetTrainerSUD_demo`` with
+  ``num_epochs`` / ``num_iterations_per_epoch`` set; every trainer of one experiment gets the
+  same budget.
+* :class:`Experiment`: one folder holding its own ``nnUNet_raw`` / ``_preprocessed`` /
+  ``_results``, the variant module and a log per step; it runs the real commands
+  (``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train``, ``nnUNetv2_predict``, ``nnunet-sud ...``)
+  as subprocesses and evaluates predictions with :mod:`nnunet_sud.evaluation`.
+"""
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+from nnunet_sud.errors import UserFacingError
+
+# trainers whose training needs a trained label-map denoiser (nnUNetTrainerLabelDenoiser first)
+NEEDS_DENOISER = ("SUD", "PostDenoise", "DAEUncertainty")
+
+
+def needs_denoiser(trainer: str) -> bool:
+    """True for trainers that load a denoiser (``nnUNet_denoiser``): the SUD family, post-denoise and
+    DAE uncertainty; not TE (SUD with beta = 0, which never calls a denoiser)."""
+    return any(k in trainer for k in NEEDS_DENOISER)
+
+
+def known_trainers() -> set:
+    from nnunet_sud.trainers import __all__ as ours
+    return set(ours) | {"nnUNetTrainer"}
+
+
+def check_trainers(trainers: Iterable[str], option: str = "--trainers") -> None:
+    known = known_trainers()
+    for t in trainers:
+        if t not in known:
+            raise UserFacingError(f"{option}: unknown trainer {t}; available: {', '.join(sorted(known))}")
+
+
+def schedule_variants_source(budgets: Dict[str, Tuple[int, int]], val_iters: int, suffix: str,
+                             skip_final_validation: bool = False, purpose: str = "") -> str:
+    """Source of a module defining ``<trainer><suffix>`` for each ``trainer: (epochs, iterations)``.
+
+    ``skip_final_validation`` replaces nnU-Net's final validation (prediction of the validation
+    cases after training) by a log line: for fold ``all`` it would only predict training cases.
+    """
+    lines = [f'"""Training budgets{(" of " + purpose) if purpose else ""}: a user\'s own trainer variants '
+             '(written by nnunet_sud.experiment)."""',
+             "import torch",
+             "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
+             "from nnunet_sud.trainers import *  # noqa", ""]
+    for t, (epochs, iters) in budgets.items():
+        lines += [f"class {t}{suffix}({t}):",
+                  "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
+                  "        super().__init__(plans, configuration, fold, dataset_json, device)",
+                  f"        self.num_epochs = {int(epochs)}",
+                  f"        self.num_iterations_per_epoch = {int(iters)}",
+                  f"        self.num_val_iterations_per_epoch = {int(val_iters)}", ""]
+        if skip_final_validation:
+            lines += ["    def perform_actual_validation(self, save_probabilities: bool = False):",
+                      "        self.print_to_log_file('final validation skipped (budget variant): the test set is "
+                      "predicted separately')", ""]
+    return "\n".join(lines) + "\n"
+
+
+class Experiment:
+    """A self-contained nnU-Net workspace below ``root`` and the commands run in it."""
+
+    def __init__(self, root: str, device: str, n_proc_da: Optional[int] = None):
+        from nnunet_sud.paths import ext_trainer_value
+        self.root = os.path.abspath(root)
+        self.device = device
+        self.logs = os.path.join(self.root, "logs")
+        self.variants_dir = os.path.join(self.root, "trainers")
+        self.t0 = time.time()
+        self.env = dict(os.environ,
+                        nnUNet_raw=os.path.join(self.root, "nnUNet_raw"),
+                        nnUNet_preprocessed=os.path.join(self.root, "nnUNet_preprocessed"),
+                        nnUNet_results=os.path.join(self.root, "nnUNet_results"),
+                        nnUNet_extTrainer=ext_trainer_value(self.variants_dir))
+        if n_proc_da is not None:
+            self.env["nnUNet_n_proc_DA"] = str(n_proc_da)
+        self.env.setdefault("nnUNet_n_proc_DA", "2")
+        self.env.setdefault("nnUNet_def_n_proc", "1")
+        self.env.pop("nnUNet_denoiser", None)
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            os.makedirs(self.env[k], exist_ok=True)
+        os.makedirs(self.variants_dir, exist_ok=True)
+
+    # ------------------------------------------------------------------ helpers
+    def say(self, msg: str) -> None:
+        print(f"[{time.time() - self.t0:6.0f} s] {msg}", flush=True)
+
+    def write_variants(self, filename: str, source: str) -> str:
+        path = os.path.join(self.variants_dir, filename)
+        with open(path, "w") as f:
+            f.write(source)
+        return path
+
+    def run(self, name: str, args: Sequence, env: Optional[dict] = None) -> str:
+        """Run a command with its output in ``logs/<name>.log``; fail with the log's tail."""
+        os.makedirs(self.logs, exist_ok=True)
+        log = os.path.join(self.logs, f"{name}.log")
+        self.say(f"{name}: {' '.join(map(str, args))}")
+        with open(log, "w") as f:
+            p = subprocess.run([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT,
+                               env=self.env if env is None else env)
+        if p.returncode != 0:
+            with open(log) as f:
+                tail = f.read()[-3000:]
+            raise UserFacingError(f"step '{name}' failed (exit {p.returncode}); log: {log}\n{tail}")
+        return log
+
+    @staticmethod
+    def sud(*args) -> list:
+        """``nnunet-sud ARGS`` with this interpreter."""
+        return [sys.executable, "-m", "nnunet_sud.cli", *map(str, args)]
+
+    def raw_dir(self, dataset_name: str) -> str:
+        return os.path.join(self.env["nnUNet_raw"], dataset_name)
+
+    def preprocessed_dir(self, dataset_name: str) -> str:
+        return os.path.join(self.env["nnUNet_preprocessed"], dataset_name)
+
+    def fold_dir(self, dataset_name: str, trainer: str, configuration: str, fold) -> str:
+        return os.path.join(self.env["nnUNet_results"], dataset_name, f"{trainer}__nnUNetPlans__{configuration}",
+                            f"fold_{fold}")
+
+    # ------------------------------------------------------------------ steps
+    def plan_and_preprocess(self, dataset_id: int, dataset_name: str, configurations: Sequence[str],
+                            num_processes: int = 2, log_name: str = "plan_and_preprocess") -> None:
+        if os.path.isfile(os.path.join(self.preprocessed_dir(dataset_name), "nnUNetPlans.json")) and all(
+                os.path.isdir(os.path.join(self.preprocessed_dir(dataset_name), f"nnUNetPlans_{c}"))
+                for c in configurations):
+            return
+        self.run(log_name, ["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", *configurations,
+                            "-np", num_processes])
+
+    def preprocess_unlabeled(self, dataset_id: int, configuration: str, num_processes: int = 2,
+                             log_name: str = "preprocess_unlabeled") -> None:
+        self.run(log_name, self.sud("preprocess-unlabeled", "-d", dataset_id, "-c", configuration,
+                                    "-np", num_processes))
+
+    def train(self, dataset_id: int, dataset_name: str, configuration: str, fold, trainer: str,
+              log_name: Optional[str] = None, denoiser: Optional[str] = None) -> float:
+        """``nnUNetv2_train``; skipped when ``checkpoint_final.pth`` exists, resumed (``--c``) when a
+        checkpoint of an interrupted run exists. Returns the seconds spent (0 when skipped)."""
+        out = self.fold_dir(dataset_name, trainer, configuration, fold)
+        if os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
+            self.say(f"{trainer}: already trained ({out})")
+            return 0.0
+        env = dict(self.env)
+        if denoiser is not None:
+            env["nnUNet_denoiser"] = denoiser
+        resume = ["--c"] if os.path.isfile(os.path.join(out, "checkpoint_latest.pth")) else []
+        t0 = time.time()
+        self.run(log_name or f"train_{dataset_name}_{trainer}",
+                 ["nnUNetv2_train", dataset_id, configuration, fold, "-tr", trainer, "-device", self.device,
+                  *resume], env=env)
+        return time.time() - t0
+
+    def predict(self, dataset_id: int, dataset_name: str, configuration: str, fold, trainer: str,
+                images: str, out: str, tta: bool = False, log_name: Optional[str] = None,
+                denoiser: Optional[str] = None) -> str:
+        env = dict(self.env)
+        if denoiser is not None:
+            env["nnUNet_denoiser"] = denoiser
+        self.run(log_name or f"predict_{dataset_name}_{trainer}",
+                 ["nnUNetv2_predict", "-i", images, "-o", out, "-d", dataset_id, "-c", configuration, "-f", fold,
+                  "-tr", trainer, "-device", self.device, "-npp", "1", "-nps", "1"]
+                 + ([] if tta else ["--disable_tta"]), env=env)
+        return out
+
+    @staticmethod
+    def evaluate(raw_dir: str, predictions: str, out_prefix: str) -> str:
+        """Dice / HD95 of ``predictions`` against ``raw_dir/labelsTs``; returns the JSON path."""
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+        from nnunet_sud.evaluation.evaluate import classes_from_dataset_json, evaluate_folders, write_evaluation
+        dataset_json = load_json(os.path.join(raw_dir, "dataset.json"))
+        classes, ignore = classes_from_dataset_json(dataset_json)
+        result = evaluate_folders(predictions, os.path.join(raw_dir, "labelsTs"), classes,
+                                  dataset_json["file_ending"], ignore_label=ignore)
+        os.makedirs(os.path.dirname(out_prefix), exist_ok=True)
+        return write_evaluation(result, out_prefix)["json"]

@@ -1,0 +1,104 @@
+"""The real-data quality benchmark's splits (benchmarks/ssl_quality.py), on small stand-ins for
+LA_lite and ACDC_lite: the literature's labeled subsets, one shared held-out test set per source,
+the upper bound labeling the whole pool, and nothing of the test set in training."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(os.path.dirname(HERE), "benchmarks", "ssl_quality.py")
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("ssl_quality", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_case(folder, cid, rng, n_labels):
+    shape = (4, 10, 12)  # z, y, x
+    img = sitk.GetImageFromArray(rng.normal(size=shape).astype(np.float32))
+    lab = sitk.GetImageFromArray(rng.integers(0, n_labels + 1, size=shape).astype(np.uint8))
+    for im in (img, lab):
+        im.SetSpacing((1.25, 1.25, 1.25))
+    sitk.WriteImage(img, os.path.join(folder, "images", f"{cid}.nii.gz"))
+    sitk.WriteImage(lab, os.path.join(folder, "labels", f"{cid}.nii.gz"))
+
+
+def _make_source(folder, train, val=None, n_labels=1):
+    rng = np.random.default_rng(0)
+    for sub in ("images", "labels"):
+        os.makedirs(os.path.join(folder, sub))
+    for cid in train + (val or []):
+        _write_case(folder, cid, rng, n_labels)
+    with open(os.path.join(folder, "train.list"), "w") as f:
+        f.write("\n".join(train) + "\n")
+    if val is not None:
+        with open(os.path.join(folder, "val.list"), "w") as f:
+            f.write("\n".join(val) + "\n")
+
+
+def _cases(raw, sub):
+    folder = os.path.join(raw, sub)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f[:-len(".nii.gz")].rsplit("_0000", 1)[0] for f in os.listdir(folder))
+
+
+def test_la_settings_share_one_test_set_and_label_the_first_cases(tmp_path):
+    bench = _load_benchmark()
+    from nnunet_sud.experiment import Experiment
+    ids = [f"LA{i:02d}" for i in range(10)][::-1]  # list order, not sorted order, decides
+    _make_source(tmp_path / "LA_lite", ids)
+    x = Experiment(str(tmp_path / "work"), "cpu")
+    src = bench.Source("la", str(tmp_path / "LA_lite"), "3d_fullres", la_test=3)
+    assert src.test == ids[-3:] and src.pool == ids[:-3]
+    raws = {n: src.convert(x, str(tmp_path / "work"), did, f"t{n}", n)
+            for did, n in ((901, 2), (902, 4))}
+    raws["all"] = src.convert(x, str(tmp_path / "work"), 903, "tall", "all")
+    for n, raw in raws.items():
+        labeled = _cases(raw, "labelsTr")
+        k = len(src.pool) if n == "all" else n
+        assert labeled == sorted(ids[:k])  # the first k of train.list
+        assert _cases(raw, "imagesTr") == labeled
+        assert _cases(raw, "imagesUnlabeled") == sorted(ids[k:-3])  # the rest of the pool, labels withheld
+        assert _cases(raw, "imagesTs") == _cases(raw, "labelsTs") == sorted(ids[-3:])
+        names = json.load(open(os.path.join(raw, "dataset.json")))["labels"]
+        assert names == {"background": 0, "LA": 1}
+
+
+def test_acdc_settings_count_patients_and_test_on_val_list(tmp_path):
+    bench = _load_benchmark()
+    from nnunet_sud.experiment import Experiment
+    train = [f"patient{p:03d}_frame{f:02d}" for p in (7, 2, 5, 1) for f in (1, 12)]
+    val = [f"patient{p:03d}_frame{f:02d}" for p in (9, 10) for f in (1, 12)]
+    _make_source(tmp_path / "ACDC_lite", train, val, n_labels=3)
+    x = Experiment(str(tmp_path / "work"), "cpu")
+    src = bench.Source("acdc", str(tmp_path / "ACDC_lite"), "2d", la_test=20)
+    raw = src.convert(x, str(tmp_path / "work"), 911, "acdc2", 2)
+    assert _cases(raw, "labelsTr") == sorted(train[:4])  # both frames of patients 007 and 002
+    assert _cases(raw, "imagesUnlabeled") == sorted(train[4:])
+    assert _cases(raw, "labelsTs") == sorted(val)
+    split = json.load(open(os.path.join(raw, "split.json")))
+    assert split["counts"]["labeled_groups"] == 2
+    assert json.load(open(os.path.join(raw, "dataset.json")))["labels"] == {"background": 0, "RV": 1, "Myo": 2,
+                                                                             "LV": 3}
+
+
+def test_bad_source_folder_and_test_count_are_named(tmp_path):
+    bench = _load_benchmark()
+    from nnunet_sud.errors import UserFacingError
+    with pytest.raises(UserFacingError, match="train.list"):
+        bench.Source("la", str(tmp_path), "3d_fullres", la_test=3)
+    _make_source(tmp_path / "LA_lite", ["a", "b", "c"])
+    with pytest.raises(UserFacingError, match="--la-test 3"):
+        bench.Source("la", str(tmp_path / "LA_lite"), "3d_fullres", la_test=3)
+    with pytest.raises(UserFacingError, match="val.list"):
+        bench.Source("acdc", str(tmp_path / "LA_lite"), "2d", la_test=3)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--work", str(tmp_path)])  # neither --la nor --acdc
