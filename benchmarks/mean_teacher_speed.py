@@ -19,15 +19,9 @@ import itertools
 import os
 import statistics
 import sys
-import time
 
-
-def _make(cls, plans_file, dataset_json, cfg, device):
-    import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    plans = load_json(plans_file)
-    plans["continue_training"] = False
-    return cls(plans, cfg, 0, dataset_json, torch.device(device))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,27 +39,20 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_sud.denoiser.data import resolve_dataset_name
-    from nnunet_sud.denoiser.network import build_label_denoiser
     from nnunet_sud.errors import UserFacingError
     from nnunet_sud.trainers import (nnUNetTrainerDAEUncertainty, nnUNetTrainerMeanTeacher, nnUNetTrainerUAMT)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = resolve_dataset_name(args.dataset)
-    base = os.path.join(nnUNet_preprocessed, name)
-    plans_file = os.path.join(base, args.plans + ".json")
-    dataset_json = load_json(os.path.join(base, "dataset.json"))
+    name, plans_file, dataset_json = _common.plans_and_dataset_json(args.dataset, args.plans)
     device = torch.device(args.device)
 
     # ---- fixed batches through nnU-Net's augmentation (labeled and unlabeled streams)
     torch.manual_seed(0)
     np.random.seed(0)
-    source = _make(nnUNetTrainerMeanTeacher, plans_file, dataset_json, args.configuration, args.device)
+    source = _common.make_trainer(nnUNetTrainerMeanTeacher, plans_file, dataset_json, args.configuration, args.device)
     source.check_unlabeled_data()
     source.initialize()
     dl_tr, dl_val = source.get_dataloaders()
@@ -79,7 +66,7 @@ def main(argv=None) -> int:
     for label, cls in (("nnUNetTrainer", nnUNetTrainer), ("MeanTeacher", nnUNetTrainerMeanTeacher),
                        (f"UAMT (K={args.mc_passes})", nnUNetTrainerUAMT), ("DAEUncertainty", nnUNetTrainerDAEUncertainty)):
         torch.manual_seed(0)
-        tr = _make(cls, plans_file, dataset_json, args.configuration, args.device)
+        tr = _common.make_trainer(cls, plans_file, dataset_json, args.configuration, args.device)
         tr.initialize()
         tr.set_deep_supervision_enabled(tr.enable_deep_supervision)
         tr.network.train()
@@ -95,31 +82,20 @@ def main(argv=None) -> int:
         dae.denoiser = dae.load_denoiser()
         denoiser_note = f"trained denoiser {dae.denoiser.denoiser_info['checkpoint']}"
     except UserFacingError as e:
-        cm = dae.configuration_manager
-        dae.denoiser = build_label_denoiser(dae.plans_manager, cm, dae.label_manager.num_segmentation_heads).to(device)
-        dae.denoiser.eval().requires_grad_(False)
+        dae.denoiser = _common.random_denoiser(dae)
         denoiser_note = f"no trained denoiser ({str(e).splitlines()[0][:80]}...): same architecture, random weights"
 
     batches = itertools.cycle(labeled)
-
-    def step(tr):
-        out = tr.train_step(next(batches))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
     for tr in trainers.values():  # warm-up
-        step(tr)
+        _common.time_train_steps(tr, 1, device, batches)
     times = {k: [] for k in trainers}
     cpu_times = {k: [] for k in trainers}
     order = list(trainers)
-    for r in range(args.rounds):
-        for label in (order if r % 2 == 0 else order[::-1]):  # interleaved, alternating order
-            for _ in range(args.iters):
-                t0, c0 = time.perf_counter(), time.process_time()
-                step(trainers[label])
-                times[label].append(time.perf_counter() - t0)
-                cpu_times[label].append(time.process_time() - c0)
+    for round_order in _common.round_orders(order, args.rounds, "alternate"):  # interleaved, alternating order
+        for label in round_order:
+            st = _common.time_train_steps(trainers[label], args.iters, device, batches)
+            times[label] += st.seconds
+            cpu_times[label] += st.cpu_seconds
 
     ref = statistics.median(times["nnUNetTrainer"])
     cpu_ref = statistics.median(cpu_times["nnUNetTrainer"])
