@@ -35,8 +35,9 @@ the script runs, through the real commands and in its own nnU-Net folders below 
 6. ``WORK/reports/summary.md``: per setting, the Table-3-style comparison, training time per
    trainer, the budget and this command.
 
-Re-running continues where it stopped (finished trainings are skipped, interrupted ones resume
-with ``--c``). Examples::
+Re-running continues where it stopped: finished trainings are skipped (and their evaluations
+reused when newer than the checkpoint), interrupted ones resume with ``--c`` (from nnU-Net's
+latest checkpoint). Examples::
 
     # the full protocol on a GPU (budget of your choice; nnU-Net's default is 1000 x 250)
     python benchmarks/ssl_quality.py --la /data/LA_lite --acdc /data/ACDC_lite --work /scratch/sslq \\
@@ -190,9 +191,14 @@ class Benchmark:
         self.times.setdefault(setting, {})[label] = (json.load(open(info_file))["train_seconds"]
                                                      if os.path.isfile(info_file) else float("nan"))
         pred = os.path.join(self.args.work, "predictions", setting, label)
+        evaluation = os.path.join(self.args.work, "evaluation", setting, label)
+        checkpoint = os.path.join(self.x.fold_dir(dname, v, cfg, "all"), "checkpoint_final.pth")
+        if os.path.isfile(evaluation + ".json") and os.path.getmtime(evaluation + ".json") > os.path.getmtime(checkpoint):
+            self.x.say(f"{setting}: {label} already predicted and evaluated ({evaluation}.json)")
+            return evaluation + ".json"
         self.x.predict(did, dname, cfg, "all", v, os.path.join(raw, "imagesTs"), pred, tta=self.args.tta,
                        denoiser=denoiser, log_name=f"predict_{setting}_{label}")
-        return self.x.evaluate(raw, pred, os.path.join(self.args.work, "evaluation", setting, label))
+        return self.x.evaluate(raw, pred, evaluation)
 
     def run_setting(self, setting: str):
         from nnunet_sud.evaluation.compare import compare
