@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -176,6 +177,7 @@ class Benchmark:
             self.x.run(f"fingerprint_{dname}", ["nnUNetv2_extract_fingerprint", "-d", did, "-np", 2])
             self.x.run(f"move_plans_{dname}", ["nnUNetv2_move_plans_between_datasets", "-s", plans_from, "-t", did,
                                                "-sp", "nnUNetPlans", "-tp", "nnUNetPlans"])
+            shutil.copy(os.path.join(raw, "dataset.json"), os.path.join(pre, "dataset.json"))  # as the planner does
             self.x.run(f"preprocess_{dname}", ["nnUNetv2_preprocess", "-d", did, "-plans_name", "nnUNetPlans",
                                                "-c", source.configuration, "-np", 2])
         return did, dname, raw
