@@ -243,7 +243,7 @@ class Benchmark:
             lines += [f"## {r['setting']} ({r['configuration']}): {c['labeled']} labeled, {c['unlabeled']} "
                       f"unlabeled, {c['test']} test cases", "",
                       "Training time per trainer (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["times"].items()),
-                      "", r["markdown"].replace("\n# ", "\n### ").replace("\n## ", "\n### "), "",
+                      "", ("\n" + r["markdown"]).replace("\n# ", "\n### ").replace("\n## ", "\n### ").strip(), "",
                       f"Plots: `{r['report']}/boxplots.png`, `{r['report']}/paired_differences.png`", ""]
         return "\n".join(lines) + "\n"
 
