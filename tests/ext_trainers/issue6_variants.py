@@ -1,41 +1,14 @@
-"""Short schedules of SUD^2, SegMatch and DMNet for tests/test_e2e_issue6.py (a user's own variants):
-2 epochs x 3 iterations, a checkpoint_latest after every epoch.
-
-SUD_TEST_CRASH_AT_STEP=k raises after the k-th training step (counted from 1 over the whole run),
-like a killed job; a trainer with a discriminator first writes the discriminator's weights of that
-moment to ``fold_X/discriminator_at_crash.pth`` (so a test can tell them from the checkpoint's).
-SUD_TEST_SKIP_FINAL_VALIDATION=1 skips nnU-Net's final validation (~20 s of CPU) where the test
-checks inference through nnUNetv2_predict instead."""
+"""Short schedules of SUD^2, SegMatch and DMNet for tests/test_e2e_issue6.py (a user's own variants),
+with the crash / skip-validation switches of sud_variants_tiny._Tiny (documented there)."""
 import os
+import sys
 
 import torch
 
 from nnunet_sud.trainers import nnUNetTrainerDMNet, nnUNetTrainerSegMatch, nnUNetTrainerSUD2
 
-
-class _Tiny:
-    def _tiny(self):
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 3
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
-
-    def train_step(self, batch):
-        out = super().train_step(batch)
-        crash = os.environ.get("SUD_TEST_CRASH_AT_STEP")
-        step = self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
-        if crash is not None and step == int(crash):
-            if getattr(self, "discriminator", None) is not None:
-                torch.save(self.discriminator.state_dict(), os.path.join(self.output_folder,
-                                                                         "discriminator_at_crash.pth"))
-            raise RuntimeError(f"simulated crash after step {crash}")
-        return out
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        if os.environ.get("SUD_TEST_SKIP_FINAL_VALIDATION") == "1":
-            self.print_to_log_file("final validation skipped (SUD_TEST_SKIP_FINAL_VALIDATION=1)")
-            return
-        super().perform_actual_validation(save_probabilities)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling module, however this one is imported
+from sud_variants_tiny import _Tiny  # noqa: E402
 
 
 class nnUNetTrainerSUD2_tiny(_Tiny, nnUNetTrainerSUD2):

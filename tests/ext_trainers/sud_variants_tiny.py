@@ -1,6 +1,12 @@
-"""Short schedules of SUD, TE and SUD-MT for the test suite (a user's own variants).
+"""Short schedules of SUD, TE and SUD-MT for the test suite (a user's own variants); ``_Tiny`` is
+shared with issue6_variants.py: 2 epochs x 3 iterations, a checkpoint_latest after every epoch.
+
 SUD_TEST_CRASH_AT_STEP=k raises after the k-th training step (counted from 1 over the whole run),
-like a killed job; SUD_TEST_SKIP_FINAL_VALIDATION=1 skips nnU-Net's final validation."""
+like a killed job; a trainer with a discriminator first writes the discriminator's weights of that
+moment to ``fold_X/discriminator_at_crash.pth`` (so a test can tell them from the checkpoint's).
+SUD_TEST_SKIP_FINAL_VALIDATION=1 skips nnU-Net's final validation (~20 s of CPU) where the test
+checks inference through nnUNetv2_predict instead (nnU-Net's validation of our base runs in
+test_e2e_foundation)."""
 import os
 
 import torch
@@ -20,14 +26,17 @@ class _Tiny:
         crash = os.environ.get("SUD_TEST_CRASH_AT_STEP")
         step = self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
         if crash is not None and step == int(crash):
+            if getattr(self, "discriminator", None) is not None:
+                torch.save(self.discriminator.state_dict(), os.path.join(self.output_folder,
+                                                                         "discriminator_at_crash.pth"))
             raise RuntimeError(f"simulated crash after step {crash}")
         return out
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        # the e2e tests check inference with nnUNetv2_predict; nnU-Net's validation of our base runs
-        # in test_e2e_foundation (SUD_TEST_SKIP_FINAL_VALIDATION as in mean_teacher_variants)
-        if os.environ.get("SUD_TEST_SKIP_FINAL_VALIDATION") != "1":
-            super().perform_actual_validation(save_probabilities)
+        if os.environ.get("SUD_TEST_SKIP_FINAL_VALIDATION") == "1":
+            self.print_to_log_file("final validation skipped (SUD_TEST_SKIP_FINAL_VALIDATION=1)")
+            return
+        super().perform_actual_validation(save_probabilities)
 
 
 class nnUNetTrainerSUD_tiny(_Tiny, nnUNetTrainerSUD):
