@@ -267,7 +267,7 @@ def parse_args(argv):
     ap.add_argument("--work", required=True, help="working folder (its own nnUNet_raw/_preprocessed/_results)")
     ap.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=None,
                     help="default: la8 la16 with --la, acdc3 acdc7 with --acdc")
-    ap.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS),
+    ap.add_argument("--trainers", nargs="*", default=list(DEFAULT_TRAINERS),
                     help="semi-supervised trainers besides the nnUNetTrainer baseline and upper bound "
                          "(default: %(default)s)")
     ap.add_argument("--epochs", type=int, default=100)
