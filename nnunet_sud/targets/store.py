@@ -1,28 +1,41 @@
 """Per-image soft targets kept in each unlabeled case's preprocessed voxel space.
 
-SUD (Young et al., §3.3, eq. 8) and temporal ensembling keep one soft target z per unlabeled
-image and update it every time the image is visited. Patches reach the network cropped,
-rotated, scaled and mirrored, so the store works in *case* space and goes through the exact
-patch->case map of the unlabeled stream (``batch_u['coords']``, ``batch_u['valid']``):
+SUD (Young et al., "SUD: Supervision by Denoising for Medical Image Segmentation", §3.3, eq. 8)
+and temporal ensembling keep one soft target z per unlabeled image and update it every time the
+image is visited:
 
-* ``read``: the target at every patch voxel, by linear interpolation of the case's stored field
-  at the voxel's case coordinates. Where any contributing case voxel was never written, the
-  result is NaN ("no target yet"; SUD then uses z_prev := current estimate).
-* ``write``: patch values back to case voxels. Unwarped patches (integer coordinates: crop and
-  mirroring, about 64% of nnU-Net's augmented patches) are written exactly, voxel by voxel.
-  For rotated/scaled patches the patch->case map is affine: it is fitted to the coordinates
-  (exactly, by least squares; residual checked), inverted, and every case voxel inside the
-  patch's footprint takes the linear interpolation of the patch values at its patch position
-  (the same accuracy as ``read``). Only case voxels whose interpolation neighbours are all valid
-  patch voxels are written: padding never is. Maps that are not affine (a user's variant with
-  elastic deformation) fall back to linear splatting: each valid patch voxel spreads its value
-  to its 2^d neighbouring case voxels with the interpolation weights, and a case voxel takes the
-  weighted mean when the weights reach ``min_weight`` (0.5).
+    z <- z + alpha (c - z)        (first visit: z <- c)
+
+with c the current estimate (beta a(f) + (1 - beta) f). Patches reach the network cropped,
+rotated, scaled and mirrored, so the store works in *case* space through the exact patch->case
+map of the unlabeled stream (``batch_u['coords']``, ``batch_u['valid']``), and only the new
+estimate c ever crosses between patch and case grids. The history z never passes through an
+interpolation again: were it read into the patch and written back, every rotated or scaled visit
+(about a third of nnU-Net's patches) would blur it once more, and as alpha -> 0 the targets would
+become repeatedly smoothed copies of themselves.
+
+* ``read``: the stored target at every patch voxel (the z_prev of the patch's loss target), by
+  linear interpolation among the *written* case voxels around it: each neighbour counts with its
+  interpolation weight if it was written, and the voxel has a target when the written weight
+  reaches ``min_weight`` (0.5); otherwise it reads as NaN ("no target yet"; SUD then uses
+  z_prev := c). A written voxel read at its own position is therefore always "written", whatever
+  its neighbours (in 2d configurations: whatever the slices above and below).
+* ``update(..., values, alpha)``: c back to case space, then the update above on case voxels.
+  Unwarped patches (integer coordinates: crop and mirroring, about two thirds of nnU-Net's
+  augmented patches) map voxel to voxel, so the stored z equals the patch's loss target exactly.
+  For rotated/scaled patches the patch->case map is affine: it is fitted to the coordinates (by
+  least squares; residual checked), inverted, and every case voxel inside the patch's footprint
+  takes the linear interpolation of c at its patch position. Only case voxels whose interpolation
+  neighbours are all valid patch voxels are updated: padding never is. Maps that are not affine
+  (a user's variant with elastic deformation) fall back to linear splatting: each valid patch
+  voxel spreads its value to its 2^d neighbouring case voxels with the interpolation weights, and
+  a case voxel takes the weighted mean when the weights reach ``min_weight``.
+  ``write(..., values)`` is ``update`` with alpha = 1 (the store takes c as it is).
 
 Storage: one ``.npy`` file per case (``(C, Z, Y, X)``, float16 by default, NaN = never written),
 memory-mapped, opened for each access: memory does not grow with the number of cases (the OS
 page cache holds what is hot). A new case file is created under a temporary name and renamed,
-and each write stores whole voxels of valid probabilities, so a killed process leaves a usable
+and each update stores whole voxels of valid probabilities, so a killed process leaves a usable
 store (a region may hold a mix of the old and the new targets). ``snapshot``/``restore`` copy
 the store beside a checkpoint so that ``--c`` resumes with exactly the store of that checkpoint.
 
@@ -89,7 +102,8 @@ class SoftTargetStore:
     def read(self, keys: Sequence[str], coords: torch.Tensor, valid: torch.Tensor,
              case_shapes: torch.Tensor) -> torch.Tensor:
         """Stored targets at the patch voxels: (B, C, *P) float32 on coords' device; NaN where
-        there is no target yet or the voxel is invalid."""
+        there is no target yet (written interpolation weight below ``min_weight``) or the voxel is
+        invalid."""
         b = coords.shape[0]
         out = torch.full((b, self.num_classes, *coords.shape[2:]), float("nan"), device=coords.device)
         for i in range(b):
@@ -101,41 +115,59 @@ class SoftTargetStore:
                 continue
             pts = coords[i][:, v]  # (3, N)
             lo, hi = self._block(pts, arr.shape[1:], margin=1)
-            block = np.asarray(arr[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
-            field = torch.from_numpy(block).to(coords.device)
+            block = torch.from_numpy(np.asarray(arr[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32))
+            written = torch.isfinite(block).all(0, keepdim=True).float()
+            field = torch.cat([torch.nan_to_num(block) * written, written]).to(coords.device)
             local = pts - lo.to(pts.dtype)[:, None]
-            vals = sample_case_field(field, local)  # (C, N), NaN where a neighbour is unset
+            sampled = sample_case_field(field, local)  # (C + 1, N): weighted sums, written weight
+            weight = sampled[-1]
+            vals = sampled[:-1] / weight.clamp(min=1e-12)
             # outside the block (only possible beyond the case border) nothing is stored
             inside = ((local >= -1e-4) & (local <= (hi - lo - 1).to(local.dtype)[:, None] + 1e-4)).all(0)
-            vals[:, ~inside] = float("nan")
+            vals[:, ~inside | (weight < self.min_weight)] = float("nan")
             out[i][:, v] = vals
         return out
 
     def write(self, keys: Sequence[str], coords: torch.Tensor, valid: torch.Tensor, case_shapes: torch.Tensor,
               values: torch.Tensor) -> None:
-        """Splat patch values (B, C, *P) into the cases at the valid voxels (see module doc)."""
+        """Store patch values (B, C, *P) at the case voxels they cover (``update`` with alpha = 1)."""
+        self.update(keys, coords, valid, case_shapes, values, alpha=1.0)
+
+    def update(self, keys: Sequence[str], coords: torch.Tensor, valid: torch.Tensor, case_shapes: torch.Tensor,
+               values: torch.Tensor, alpha: float) -> None:
+        """z <- z + alpha (W^-1(values) - z) on the case voxels the valid patch voxels cover
+        (z <- W^-1(values) where nothing was written yet); W^-1 takes the patch values (B, C, *P)
+        to case space (see module doc). The stored history itself is never resampled."""
         values = values.detach().float()
+        alpha = float(alpha)
         for i in range(coords.shape[0]):
             v = valid[i]
             if not v.any():
                 continue
             arr = self._open(keys[i], case_shapes[i].tolist(), create=True)
             pts = coords[i][:, v]  # (3, N)
-            vals = values[i][:, v]  # (C, N)
             lo, hi = self._block(pts, arr.shape[1:], margin=1)
             size = (hi - lo).tolist()
             local = pts - lo.to(pts.dtype)[:, None]
             sl = (slice(None), slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-            block = np.array(arr[sl])
+            block = np.asarray(arr[sl], dtype=np.float32)
             rounded = local.round()
             if (local - rounded).abs().max() < 1e-3:
                 # unwarped patch (crop + mirroring): one case voxel per patch voxel, exact
-                idx = rounded.long().cpu().numpy()
-                block[:, idx[0], idx[1], idx[2]] = vals.cpu().numpy()
+                idx = tuple(rounded.long().cpu().numpy())
+                new = np.zeros_like(block)
+                new[(slice(None),) + idx] = values[i][:, v].cpu().numpy()
+                where = np.zeros(block.shape[1:], dtype=bool)
+                where[idx] = True
             else:
                 res = self._inverse_warp(self._local_coords(coords[i], lo), values[i], valid[i], size)
-                new, write = res if res is not None else self._splat(local, vals, size)
-                block[:, write] = new[:, write]
+                new, where = res if res is not None else self._splat(local, values[i][:, v], size)
+            if not where.any():
+                continue
+            old = block[:, where]
+            new = new[:, where]
+            seen = np.isfinite(old).all(0)
+            block[:, where] = np.where(seen, (1 - alpha) * old + alpha * new, new)  # exact at alpha 0 and 1
             arr[sl] = block
             arr.flush()
 
