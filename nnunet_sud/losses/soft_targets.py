@@ -9,14 +9,29 @@ import torch
 import torch.nn.functional as F
 
 
+DICE_FORMS = ("squared", "plain")
+
+
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
                    include_background: bool = False, batch_dice: bool = False,
-                   smooth: float = 1e-5) -> torch.Tensor:
-    """Soft Dice loss 1 - mean_c (2 sum(m z f) + s) / (sum(m z) + sum(m f) + s).
+                   smooth: float = 1e-5, form: str = "squared") -> torch.Tensor:
+    """Soft Dice loss 1 - mean_c d_c between a softmax f and a fixed soft target z, over valid voxels.
 
-    This is nnU-Net's soft Dice (tp = sum z f, fp = sum (1 - z) f, fn = sum z (1 - f), so
-    2 tp + fp + fn = sum z + sum f) with a soft target z in place of the one-hot label, summed
-    over valid voxels only.
+    ``form="squared"`` (default): SUD's Dice (Young et al., "SUD: Supervision by Denoising for
+    Medical Image Segmentation", Appendix A, eq. 15; the V-Net Dice of Milletari et al.)
+
+        d_c = (2 sum(m z f) + s) / (sum(m z^2) + sum(m f^2) + s)
+
+    Its best f for a soft z is f = z (the gradient vanishes there): the segmenter regresses onto
+    the soft target, which is what SUD's denoising step (eq. 8) assumes.
+
+    ``form="plain"``: nnU-Net's soft Dice (tp = sum z f, fp = sum (1 - z) f, fn = sum z (1 - f),
+    so 2 tp + fp + fn = sum z + sum f)
+
+        d_c = (2 sum(m z f) + s) / (sum(m z) + sum(m f) + s)
+
+    Its best f for a soft z is a thresholded z (f -> 1 where z is large enough, 0 elsewhere):
+    hard pseudo-labels, not the soft target. Kept as a named variant (``_plainDice`` trainers).
 
     Args:
         probs:  (B, C, *S) softmax of the network (gradients flow through it).
@@ -24,9 +39,12 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[tor
         mask:   (B, *S) bool, voxels that count; None: all.
         include_background: count class 0 (nnU-Net's default for softmax outputs: no).
         batch_dice: sum over the batch before the ratio (nnU-Net's ``batch_dice`` of the plans).
+        form: "squared" or "plain", see above.
     Returns:
         scalar loss in [0, 1].
     """
+    if form not in DICE_FORMS:
+        raise ValueError(f"soft Dice form {form!r}: use one of {DICE_FORMS}")
     target = target.detach().to(probs.dtype)
     if not include_background:
         probs, target = probs[:, 1:], target[:, 1:]
@@ -37,7 +55,10 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[tor
     if batch_dice:
         axes = (0,) + axes
     inter = (probs * target).sum(axes)
-    denom = probs.sum(axes) + target.sum(axes)
+    if form == "squared":
+        denom = (probs * probs).sum(axes) + (target * target).sum(axes)
+    else:
+        denom = probs.sum(axes) + target.sum(axes)
     dice = (2 * inter + smooth) / (denom + smooth).clamp(min=1e-8)
     return 1 - dice.mean()
 

@@ -1,6 +1,7 @@
 """One-line variants of SUD for the paper's ablations (Young et al., Fig. 5: beta sweep at
-lambda_max = 4; lambda_max; the kidney task's soft Dice + KL)."""
-from nnunet_sud.trainers.sud import nnUNetTrainerSUD
+lambda_max = 4; lambda_max; the kidney task's soft Dice + KL) and the plain-sum Dice (nnU-Net's
+form, whose optimum is a thresholded target: SUD/TE as hard pseudo-label sharpening)."""
+from nnunet_sud.trainers.sud import nnUNetTrainerSUD, nnUNetTrainerSUDMeanTeacher, nnUNetTrainerTE
 
 
 class nnUNetTrainerSUD_beta0p01(nnUNetTrainerSUD):
@@ -37,3 +38,15 @@ class nnUNetTrainerSUD_lambda8(nnUNetTrainerSUD):
 
 class nnUNetTrainerSUD_KL(nnUNetTrainerSUD):
     use_kl = True
+
+
+class nnUNetTrainerSUD_plainDice(nnUNetTrainerSUD):
+    dice_form = "plain"
+
+
+class nnUNetTrainerTE_plainDice(nnUNetTrainerTE):
+    dice_form = "plain"
+
+
+class nnUNetTrainerSUDMeanTeacher_plainDice(nnUNetTrainerSUDMeanTeacher):
+    dice_form = "plain"
