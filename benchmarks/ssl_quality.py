@@ -57,7 +57,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
+import numpy as np  # noqa: E402
+
 from nnunet_sud.errors import UserFacingError  # noqa: E402
+from nnunet_sud.evaluation.target_quality import (plot_target_quality, read_target_quality,  # noqa: E402
+                                                  target_quality_markdown)
 from nnunet_sud.experiment import (Experiment, check_trainers, needs_denoiser,  # noqa: E402
                                    schedule_variants_source)
 
@@ -224,11 +228,32 @@ class Benchmark:
             evaluations.append((UPPER, self.train_predict_evaluate(setting, udid, udname, uraw, source,
                                                                    "nnUNetTrainer", UPPER)))
         report = os.path.join(self.args.work, "reports", setting)
-        res = compare(evaluations, report, baseline="nnUNetTrainer")
+        res = compare(evaluations, report, baseline="nnUNetTrainer",
+                      upper=None if self.args.no_upper_bound else UPPER)
         with open(os.path.join(raw, "split.json")) as f:
             counts = json.load(f)["counts"]
+        curves = {t: read_target_quality(self.x.fold_dir(dname, t + SUFFIX, source.configuration, "all"))
+                  for t in self.trainers}
+        tq_png = plot_target_quality(curves, os.path.join(report, "target_quality.png"))
         return {"setting": setting, "configuration": source.configuration, "counts": counts,
-                "markdown": res["markdown"], "report": report, "times": self.times.get(setting, {})}
+                "markdown": res["markdown"], "report": report, "times": self.times.get(setting, {}),
+                "target_quality": target_quality_markdown(curves, LABEL_NAMES[key][1:]), "target_quality_png": tq_png,
+                "visits": self.visits_per_voxel(dname, source.configuration)}
+
+    def visits_per_voxel(self, dname: str, configuration: str) -> float:
+        """How often training visits an unlabeled voxel on average: iterations x unlabeled batch x patch
+        voxels / voxels of all preprocessed unlabeled cases (an estimate: patches also show padding)."""
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunet_sud.unlabeled.loader import unlabeled_identifiers
+        pre = self.x.preprocessed_dir(dname)
+        cm = load_json(os.path.join(pre, "nnUNetPlans.json"))["configurations"][configuration]
+        folder = os.path.join(pre, cm["data_identifier"] + "_unlabeled")
+        ids = unlabeled_identifiers(folder)
+        ds = infer_dataset_class(folder)(folder, ids)
+        total = sum(int(np.prod(ds.load_case(i)[0].shape[1:])) for i in ids)
+        seen = self.args.epochs * self.args.iterations * cm["batch_size"] * int(np.prod(cm["patch_size"]))
+        return seen / total if total else float("nan")
 
     def summary(self, results) -> str:
         a = self.args
@@ -245,6 +270,10 @@ class Benchmark:
                       "Training time per trainer (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["times"].items()),
                       "", ("\n" + r["markdown"]).replace("\n# ", "\n### ").replace("\n## ", "\n### ").strip(), "",
                       f"Plots: `{r['report']}/boxplots.png`, `{r['report']}/paired_differences.png`", ""]
+            if r["target_quality"]:
+                lines += ["### What the methods learn from (Dice against the withheld labels of the unlabeled pool)",
+                          "", r["target_quality"], f"Curves: `{r['target_quality_png']}`", ""]
+            lines += [f"Unlabeled visits per voxel (estimate, per trainer): {r['visits']:.1f}", ""]
         return "\n".join(lines) + "\n"
 
     def main(self) -> str:

@@ -215,3 +215,27 @@ def test_compare_errors(evaluations, tmp_path, capsys):
     other.write_text(json.dumps({"mean": {}}))
     assert main(["compare", f"a={other}", "-o", str(tmp_path / "o")]) == 2
     assert "not an 'nnunet-sud evaluate' output" in capsys.readouterr().err
+
+
+def test_gap_closed_against_an_upper_bound(evaluations, tmp_path):
+    """'better' as the upper bound: it closes its own gap (not listed), 'same' closes none (0), by
+    the mean Dice over cases computed here from the raw per-case values."""
+    res = compare(named(evaluations), str(tmp_path / "gap"), baseline="base", upper="better")
+    rows = {r["method"]: r for r in res["gap_closed"]}
+    assert set(rows) == {"same"}
+    assert rows["same"]["mean"] == 0 and all(v == 0 for v in rows["same"]["per_class"].values())
+    # swap roles: 'same' as a method against base -> better, and 'better' against same -> better
+    res = compare([("base", evaluations["paths"]["base"]), ("better", evaluations["paths"]["better"]),
+                   ("half", evaluations["paths"]["same"])], str(tmp_path / "gap2"), baseline="half", upper="better")
+    r = {r["method"]: r for r in res["gap_closed"]}["base"]
+    for key in ("1", "2"):
+        b = np.nanmean(raw_values(evaluations["paths"]["same"], key, "Dice"))  # 'half' is a copy of base
+        u = np.nanmean(raw_values(evaluations["paths"]["better"], key, "Dice"))
+        m = np.nanmean(raw_values(evaluations["paths"]["base"], key, "Dice"))
+        assert r["per_class"][key] == pytest.approx((m - b) / (u - b) if u > b else np.nan, nan_ok=True)
+    md = (tmp_path / "gap2" / "comparison.md").read_text()
+    assert "## Fraction of the half -> better gap closed" in md
+    saved = json.load(open(tmp_path / "gap2" / "comparison.json"))
+    assert saved["upper"] == "better" and saved["gap_closed"][0]["method"] == "base"
+    with pytest.raises(UserFacingError, match="--upper"):
+        compare(named(evaluations), str(tmp_path / "bad"), baseline=None, upper="better")

@@ -209,6 +209,50 @@ def paired_table_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def gap_closed(evals: Dict[str, dict], baseline: str, upper: str) -> List[dict]:
+    """Per method (other than baseline and upper), the fraction of the baseline -> upper-bound gap in
+    mean Dice that it closes, per class and for the mean over classes:
+
+        (Dice(method) - Dice(baseline)) / (Dice(upper) - Dice(baseline))
+
+    with Dice the mean over cases (a semi-supervised method against nnU-Net on the same labeled
+    cases, with nnU-Net on every label as the upper bound). 1 = as good as all labels, 0 = no
+    gain, negative = worse than the baseline; NaN when the gap is not positive.
+    """
+    names = class_names(evals)
+
+    def fraction(m, b, u):
+        return (m - b) / (u - b) if np.isfinite(m) and np.isfinite(b) and np.isfinite(u) and u > b else math.nan
+
+    def class_means(ev):
+        return {k: ev["summary"][k]["Dice"]["mean"] for k in names}
+
+    b, u = class_means(evals[baseline]), class_means(evals[upper])
+    rows = []
+    for meth, ev in evals.items():
+        if meth in (baseline, upper):
+            continue
+        m = class_means(ev)
+        row = {"method": meth, "per_class": {k: fraction(m[k], b[k], u[k]) for k in names}}
+        mean = [np.nanmean([d[k] for k in names]) for d in (m, b, u)]
+        row["mean_dice"] = float(mean[0])
+        row["mean"] = fraction(*mean)
+        rows.append(row)
+    return rows
+
+
+def gap_closed_markdown(rows: Sequence[dict], evals: Dict[str, dict], baseline: str, upper: str) -> str:
+    names = class_names(evals)
+    means = {n: float(np.nanmean([evals[n]["summary"][k]["Dice"]["mean"] for k in names])) for n in (baseline, upper)}
+    lines = [f"Mean Dice (over cases, then classes): {baseline} {means[baseline]:.3f}, {upper} {means[upper]:.3f}.", "",
+             "| Method | mean Dice | gap closed, mean | " + " | ".join(f"gap closed, {names[k]}" for k in names) + " |",
+             "|---|---:|---:|" + "---:|" * len(names)]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['mean_dice']:.3f} | {_fmt(r['mean'], 2)} | "
+                     + " | ".join(_fmt(r["per_class"][k], 2) for k in names) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------- plots
 def _method_colors(methods: Sequence[str]):
     from matplotlib import colormaps
@@ -304,11 +348,16 @@ def plot_paired(rows: Sequence[dict], evals: Dict[str, dict], baseline: str):
 
 
 # ------------------------------------------------------------------------------------ driver
-def compare(named: Sequence[Tuple[str, str]], out_folder: str, baseline: str = None, dpi: int = 120) -> dict:
-    """Write the comparison files into ``out_folder``; returns ``{"files": {...}, "paired": rows}``."""
+def compare(named: Sequence[Tuple[str, str]], out_folder: str, baseline: str = None, dpi: int = 120,
+            upper: str = None) -> dict:
+    """Write the comparison files into ``out_folder``; returns ``{"files": {...}, "paired": rows,
+    "gap_closed": rows}`` (``upper``: the upper bound, e.g. nnU-Net on all labels; needs ``baseline``)."""
     evals = load_evaluations(named)
     if baseline is not None and baseline not in evals:
         raise UserFacingError(f"--baseline {baseline}: not among the given names {list(evals)}")
+    if upper is not None and (upper not in evals or baseline is None or upper == baseline):
+        raise UserFacingError(f"--upper {upper}: must be one of the given names {list(evals)}, other than the "
+                              f"--baseline (which it needs)")
     if baseline is not None and len(evals) < 2:
         raise UserFacingError("--baseline needs at least one other evaluation to compare with")
     os.makedirs(out_folder, exist_ok=True)
@@ -343,6 +392,11 @@ def compare(named: Sequence[Tuple[str, str]], out_folder: str, baseline: str = N
                "Improvement per case: Dice(method) - Dice(baseline) and HD95(baseline) - HD95(method), positive = "
                "better. Cases with NaN in either method are not paired. p: two-sided Wilcoxon signed-rank test "
                "(scipy.stats.wilcoxon, zero differences dropped); 1 when all differences are 0.", ""]
+    gaps = gap_closed(evals, baseline, upper) if upper is not None else []
+    if upper is not None:
+        md += [f"## Fraction of the {baseline} -> {upper} gap closed", "", gap_closed_markdown(gaps, evals, baseline, upper),
+               "", f"(Dice(method) - Dice({baseline})) / (Dice({upper}) - Dice({baseline})) with mean Dice over cases: "
+               "1 = as good as the upper bound, 0 = no gain, negative = worse than the baseline.", ""]
     files["markdown"] = os.path.join(out_folder, "comparison.md")
     with open(files["markdown"], "w") as f:
         f.write("\n".join(md))
@@ -355,11 +409,14 @@ def compare(named: Sequence[Tuple[str, str]], out_folder: str, baseline: str = N
                "median": {m: {k: {met: clean(ev["summary"][k][met]["median"]) for met in METRICS}
                               for k in ev["summary"]} for m, ev in evals.items()},
                "paired": [{k: (clean(v) if k != "differences" else [float(x) for x in v]) for k, v in r.items()}
-                          for r in rows]}
+                          for r in rows],
+               "upper": upper,
+               "gap_closed": [{"method": g["method"], "mean_dice": clean(g["mean_dice"]), "mean": clean(g["mean"]),
+                               "per_class": {k: clean(v) for k, v in g["per_class"].items()}} for g in gaps]}
     files["json"] = os.path.join(out_folder, "comparison.json")
     with open(files["json"], "w") as f:
         json.dump(summary, f, indent=1, allow_nan=False)
-    return {"files": files, "paired": rows, "markdown": "\n".join(md)}
+    return {"files": files, "paired": rows, "gap_closed": gaps, "markdown": "\n".join(md)}
 
 
 def add_parser(sub) -> None:
@@ -374,12 +431,15 @@ def add_parser(sub) -> None:
     p.add_argument("evaluations", nargs="+", metavar="NAME=JSON", help="e.g. nnUNet=eval/base.json SUD=eval/sud.json")
     p.add_argument("-o", required=True, metavar="OUT_FOLDER", help="output folder")
     p.add_argument("--baseline", default=None, metavar="NAME", help="method to compare the others with, per case")
+    p.add_argument("--upper", default=None, metavar="NAME",
+                   help="upper bound (e.g. nnU-Net on all labels): adds the fraction of the baseline -> upper gap "
+                        "each method closes (needs --baseline)")
     p.add_argument("--dpi", type=int, default=120, help="resolution of the PNG figures")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    res = compare(parse_named(args.evaluations), args.o, args.baseline, args.dpi)
+    res = compare(parse_named(args.evaluations), args.o, args.baseline, args.dpi, upper=args.upper)
     print(res["markdown"])
     print("written: " + ", ".join(res["files"].values()))
     return 0
