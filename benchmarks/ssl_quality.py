@@ -60,8 +60,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 import numpy as np  # noqa: E402
 
 from nnunet_sud.errors import UserFacingError  # noqa: E402
-from nnunet_sud.evaluation.target_quality import (plot_target_quality, read_target_quality,  # noqa: E402
-                                                  target_quality_markdown)
+from nnunet_sud.evaluation.target_quality import target_quality_report  # noqa: E402
 from nnunet_sud.experiment import (Experiment, check_trainers, needs_denoiser,  # noqa: E402
                                    schedule_variants_source)
 
@@ -232,12 +231,11 @@ class Benchmark:
                       upper=None if self.args.no_upper_bound else UPPER)
         with open(os.path.join(raw, "split.json")) as f:
             counts = json.load(f)["counts"]
-        curves = {t: read_target_quality(self.x.fold_dir(dname, t + SUFFIX, source.configuration, "all"))
-                  for t in self.trainers}
-        tq_png = plot_target_quality(curves, os.path.join(report, "target_quality.png"))
+        tq = target_quality_report({t: self.x.fold_dir(dname, t + SUFFIX, source.configuration, "all")
+                                    for t in self.trainers}, report, LABEL_NAMES[key][1:])
         return {"setting": setting, "configuration": source.configuration, "counts": counts,
                 "markdown": res["markdown"], "report": report, "times": self.times.get(setting, {}),
-                "target_quality": target_quality_markdown(curves, LABEL_NAMES[key][1:]), "target_quality_png": tq_png,
+                "target_quality": tq["markdown"], "target_quality_png": tq["png"],
                 "visits": self.visits_per_voxel(dname, source.configuration)}
 
     def visits_per_voxel(self, dname: str, configuration: str) -> float:

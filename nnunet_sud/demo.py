@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 
+from nnunet_sud.dataset_conversion.synthetic import LABELS as SYNTHETIC_LABELS
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.experiment import Experiment, check_trainers, needs_denoiser, schedule_variants_source
 
@@ -109,15 +110,48 @@ class Demo:
             evaluations.append((v[:-len("_demo")], self.predict_and_evaluate(v, denoiser)))
         self.say("6/6 comparing")
         from nnunet_sud.evaluation.compare import compare
+        from nnunet_sud.evaluation.target_quality import target_quality_report
         report = os.path.join(self.out, "report")
-        res = compare(evaluations, report, baseline=evaluations[0][0] if len(evaluations) > 1 else None)
+        baseline = evaluations[0][0] if len(evaluations) > 1 else None
+        res = compare(evaluations, report, baseline=baseline)
+        tq = target_quality_report({v[:-len("_demo")]: self.fold_dir(v) for v in variants[1:]}, report,
+                                   [n for n in SYNTHETIC_LABELS if n != "background"])
+        text = res["markdown"] + "\n" + verdict(res["paired"], baseline)
+        if tq["markdown"]:
+            text += ("\n## What the semi-supervised trainers learn from\n\nDice against the labels of the unlabeled "
+                     "cases (generated data have them; they never enter a loss): the raw prediction, the denoised "
+                     "prediction and the stored target (SUD/TE), a teacher's prediction, kept pseudo-labels. Mid = "
+                     "at half of training, end = the last epochs.\n\n" + tq["markdown"] +
+                     f"\nCurves: {tq['png']}\n")
+            res["files"]["target_quality"] = tq["png"]
+        with open(res["files"]["markdown"], "w") as f:
+            f.write(text)
         with open(os.path.join(self.out, "demo.json"), "w") as f:
             json.dump({"schedule": self.schedule, "trainers": self.trainers, "device": self.x.device,
                        "seconds": round(time.time() - self.x.t0), "report": res["files"]}, f, indent=1)
-        print(res["markdown"])
+        print(text)
         self.say(f"done. Report: {os.path.join(report, 'comparison.md')}")
         print(self.out)
         return self.out
+
+
+def verdict(paired_rows, baseline) -> str:
+    """One honest sentence per method and class: better, worse or no clear difference than the
+    baseline in Dice (mean paired improvement, two-sided Wilcoxon p < 0.05 on the test cases)."""
+    if not baseline:
+        return ""
+    lines = [f"## Verdict against {baseline} (Dice, paired over the test cases)", ""]
+    for r in paired_rows:
+        if r["metric"] != "Dice":
+            continue
+        p, d = r["p_wilcoxon"], r["mean"]
+        if p == p and p < 0.05:
+            word = "better than" if d > 0 else "worse than"
+        else:
+            word = "not clearly different from"
+        lines.append(f"- {r['method']}, {r['name']}: {word} {baseline} (mean change {d:+.3f}, p = {p:.2g}, "
+                     f"{r['n_pairs']} cases)")
+    return "\n".join(lines) + "\n"
 
 
 def add_parser(sub) -> None:

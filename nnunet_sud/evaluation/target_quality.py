@@ -119,3 +119,12 @@ def plot_target_quality(curves: Dict[str, Dict[str, dict]], png: str, dpi: int =
     fig.savefig(png, dpi=dpi)
     plt.close(fig)
     return png
+
+
+def target_quality_report(fold_dirs: Dict[str, str], report_folder: str, class_names: Sequence[str] = ()) -> dict:
+    """Curves of every trainer in ``fold_dirs`` ({trainer: model fold folder}) ->
+    ``report_folder/target_quality.png`` and a Markdown table; ``{"markdown": str ("" when no
+    trainer recorded target quality), "png": path or None, "curves": {...}}``."""
+    curves = {t: read_target_quality(d) for t, d in fold_dirs.items()}
+    return {"curves": curves, "markdown": target_quality_markdown(curves, class_names),
+            "png": plot_target_quality(curves, os.path.join(report_folder, "target_quality.png"))}
