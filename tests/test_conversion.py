@@ -118,9 +118,13 @@ def test_folder_counts_names_geometry(tmp_path):
     assert os.path.basename(ds) == "Dataset950_src"
     dj, sp = assert_raw_layout(ds, 4, 4, 0)
     assert dj["labels"] == {"background": 0, "a": 1, "b": 2}
-    # unlabeled = images without label + labeled ones beyond the count (labels withheld, not written)
+    # unlabeled = images without label + labeled ones beyond the count (labels withheld: only in labelsUnlabeled)
     assert {"extra0", "extra1"} <= set(sp["unlabeled"])
     assert sorted(sp["withheld_labels"]) == sorted(set(lab_ids) - set(sp["labeled"]))
+    assert folder_files(os.path.join(ds, "labelsUnlabeled")) == sorted(f"{c}.nii.gz" for c in sp["withheld_labels"])
+    for cid in sp["withheld_labels"]:
+        np.testing.assert_array_equal(geometry(os.path.join(ds, "labelsUnlabeled", cid + ".nii.gz"))[3],
+                                      geometry(os.path.join(src, "labels", cid + ".nii.gz"))[3])
     assert sp["counts"]["withheld_labels"] == 2 and sp["seed"] == 3 and sp["source"]["type"] == "folder"
     for cid in sp["labeled"]:
         size, spacing, origin, arr = geometry(os.path.join(ds, "labelsTr", cid + ".nii.gz"))
@@ -289,6 +293,9 @@ def test_la_h5(tmp_path):
     assert sp["labeled"] == ["LA0", "LA1"] and sp["selection"] == "first"  # UA-MT: first N of train.list
     assert dj["labels"] == {"background": 0, "left_atrium": 1} and dj["channel_names"] == {"0": "MRI"}
     assert folder_files(os.path.join(ds, "labelsTs")) == ["LT0.nii.gz", "LT1.nii.gz"]
+    assert folder_files(os.path.join(ds, "labelsUnlabeled")) == [f"{c}.nii.gz" for c in train[2:]]  # withheld
+    _, _, _, withheld = geometry(os.path.join(ds, "labelsUnlabeled", "LA3.nii.gz"))
+    np.testing.assert_array_equal(withheld, arrays["LA3"][1].transpose(2, 1, 0))
     # h5 arrays are (x, y, z): the NIfTI has size (x, y, z), 0.625 mm, same voxels
     size, spacing, _, arr = geometry(os.path.join(ds, "imagesTr", "LA1_0000.nii.gz"))
     assert size == (10, 8, 6) and spacing == (0.625, 0.625, 0.625)

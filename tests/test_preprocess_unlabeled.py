@@ -160,3 +160,112 @@ def test_error_unreadable_image(synthetic3d, capsys):
         assert "could not preprocess unlabeled case 'broken'" in err and bad in err
     finally:
         os.remove(bad)
+
+
+# ---------------------------------------------------------------------- labelsUnlabeled
+def _copy_labeled_case_as_unlabeled(synthetic3d, case, name, with_label=True):
+    """Copy a training case's image (and label) into imagesUnlabeled (and labelsUnlabeled) as ``name``."""
+    raw = synthetic3d["raw"]
+    os.makedirs(os.path.join(raw, "labelsUnlabeled"), exist_ok=True)
+    image = os.path.join(raw, "imagesUnlabeled", name + "_0000.nii.gz")
+    label = os.path.join(raw, "labelsUnlabeled", name + ".nii.gz")
+    shutil.copy(os.path.join(raw, "imagesTr", case + "_0000.nii.gz"), image)
+    if with_label:
+        shutil.copy(os.path.join(raw, "labelsTr", case + ".nii.gz"), label)
+    return image, label
+
+
+def _remove_case(synthetic3d, name, out_folders):
+    raw = synthetic3d["raw"]
+    for f in (os.path.join(raw, "imagesUnlabeled", name + "_0000.nii.gz"),
+              os.path.join(raw, "labelsUnlabeled", name + ".nii.gz")):
+        if os.path.exists(f):
+            os.remove(f)
+    for out in out_folders:
+        for suffix in (".b2nd", "_seg.b2nd", "_label.b2nd", ".pkl"):
+            if os.path.exists(os.path.join(out, name + suffix)):
+                os.remove(os.path.join(out, name + suffix))
+
+
+@pytest.mark.parametrize("cfg", ["3d_fullres", "2d"])
+def test_label_is_preprocessed_as_nnunet_preprocesses_a_labeled_case(synthetic3d, cfg):
+    """CASE_label.b2nd equals nnU-Net's CASE_seg.b2nd of the same image + label as a training case;
+    image and non-zero mask are those of the case without a label."""
+    import pickle
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunet_sud.unlabeled.preprocess import LABEL_PROPERTY, label_record
+
+    pre = synthetic3d["preprocessed"]
+    data_identifier = load_json(os.path.join(pre, "nnUNetPlans.json"))["configurations"][cfg]["data_identifier"]
+    out = os.path.join(pre, data_identifier + "_unlabeled")
+    case, name = "syn_lab_003", "zz_labelled_copy"
+    _, label_file = _copy_labeled_case_as_unlabeled(synthetic3d, case, name)
+    try:
+        _, n = preprocess_unlabeled(synthetic3d["id"], cfg, num_processes=1, progress=False)
+        assert n == 1
+        ours = _load_b2nd(os.path.join(out, name + "_label.b2nd"))
+        theirs = _load_b2nd(os.path.join(pre, data_identifier, case + "_seg.b2nd"))
+        assert ours.dtype == theirs.dtype == np.int16 and ours.shape == theirs.shape
+        assert np.array_equal(ours, theirs) and set(np.unique(ours)) >= {0, 1, 2, 3}
+        assert np.array_equal(_load_b2nd(os.path.join(out, name + ".b2nd")),
+                              _load_b2nd(os.path.join(pre, data_identifier, case + ".b2nd")))
+        # the training inputs are those of the case without a label: the non-zero mask, not the label
+        seg = _load_b2nd(os.path.join(out, name + "_seg.b2nd"))
+        assert set(np.unique(seg)) <= {0, -1}
+        with open(os.path.join(out, name + ".pkl"), "rb") as f:
+            props = pickle.load(f)
+        assert props[LABEL_PROPERTY] == label_record(label_file) and props[LABEL_PROPERTY]["file"] == name + ".nii.gz"
+        assert all(len(v) == 0 for v in props["class_locations"].values())  # labels never steer the crops
+    finally:
+        _remove_case(synthetic3d, name, [out])
+
+
+def test_adding_or_removing_a_label_redoes_that_case(synthetic3d):
+    import pickle
+    from nnunet_sud.unlabeled.preprocess import LABEL_PROPERTY
+
+    out = os.path.join(synthetic3d["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled")
+    name = "zz_label_later"
+    _, label_file = _copy_labeled_case_as_unlabeled(synthetic3d, "syn_lab_001", name, with_label=False)
+
+    def record():
+        with open(os.path.join(out, name + ".pkl"), "rb") as f:
+            return pickle.load(f)[LABEL_PROPERTY]
+    try:
+        assert preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)[1] == 1
+        assert record() is None and not os.path.exists(os.path.join(out, name + "_label.b2nd"))
+        data = _load_b2nd(os.path.join(out, name + ".b2nd"))
+        shutil.copy(os.path.join(synthetic3d["raw"], "labelsTr", "syn_lab_001.nii.gz"), label_file)
+        assert preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)[1] == 1
+        assert record()["file"] == name + ".nii.gz" and os.path.exists(os.path.join(out, name + "_label.b2nd"))
+        assert np.array_equal(data, _load_b2nd(os.path.join(out, name + ".b2nd")))  # the image does not change
+        assert preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)[1] == 0
+        os.remove(label_file)
+        assert preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)[1] == 1
+        assert record() is None and not os.path.exists(os.path.join(out, name + "_label.b2nd"))
+    finally:
+        _remove_case(synthetic3d, name, [out])
+
+
+def test_error_label_without_image(synthetic3d, capsys):
+    stray = os.path.join(synthetic3d["raw"], "labelsUnlabeled", "nobody.nii.gz")
+    os.makedirs(os.path.dirname(stray), exist_ok=True)
+    shutil.copy(os.path.join(synthetic3d["raw"], "labelsTr", "syn_lab_000.nii.gz"), stray)
+    try:
+        assert _cli_error("preprocess-unlabeled", "-d", synthetic3d["id"], "-c", "3d_fullres", "-np", 1) == 2
+        err = capsys.readouterr().err
+        assert stray in err and "no image 'nobody_0000.nii.gz' in imagesUnlabeled" in err and "remove the label" in err
+    finally:
+        os.remove(stray)
+
+
+def test_error_label_of_wrong_shape(synthetic3d):
+    out = os.path.join(synthetic3d["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled")
+    name = "zz_bad_label"
+    _, label_file = _copy_labeled_case_as_unlabeled(synthetic3d, "syn_lab_000", name, with_label=False)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.uint8)), label_file)
+    try:
+        with pytest.raises(UserFacingError, match=r"label .*zz_bad_label\.nii\.gz does not have the shape of its image"):
+            preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)
+    finally:
+        _remove_case(synthetic3d, name, [out])

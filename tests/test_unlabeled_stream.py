@@ -227,3 +227,89 @@ def test_worker_seeds_differ():
     # control: two workers seeded alike replay each other (what nnU-Net's seeds=None does to torch.rand)
     alike = _mirror_signatures([77, 77])
     assert len(set(alike)) < len(alike)
+
+
+# ---------------------------------------------------------------------- labels of unlabeled cases
+class LabelledInMemoryDataset(InMemoryDataset):
+    """Cases with labels (as preprocess-unlabeled records them) beside cases without."""
+
+    def __init__(self, cases, labels):
+        super().__init__(cases)
+        self.labels = labels
+
+    def load_case(self, key):
+        from nnunet_sud.unlabeled.preprocess import LABEL_PROPERTY
+        data, seg, prev, props = super().load_case(key)
+        return data, seg, prev, {LABEL_PROPERTY: {"file": key + ".nii.gz", "sha1": "0"} if key in self.labels else None}
+
+    def load_label(self, key):
+        return self.labels[key]
+
+
+def block_label(shape, block=4):
+    """Label of voxel i: sum over axes of i // block, mod 4 (values 0..3, borders at k * block - 0.5).
+    Background of one corner block is -1, as nnU-Net stores background outside the non-zero mask."""
+    g = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    lab = (sum(x // block for x in g) % 4).astype(np.int16)
+    lab[:block, :block, :block][lab[:block, :block, :block] == 0] = -1
+    return lab
+
+
+def test_labels_follow_the_image_through_nnunets_augmentation_and_unknown_stays_unknown():
+    """``seg`` is the case label at the voxel ``coords`` names (away from label borders), 0 where the
+    case's label says background (also nnU-Net's -1 = background outside the non-zero mask), and
+    UNKNOWN_LABEL (not 0) for cases without a label and on padding."""
+    from nnunet_sud.unlabeled.loader import UNKNOWN_LABEL
+    np.random.seed(23)
+    torch.manual_seed(23)
+    case_shape, patch, block = (20, 28, 28), (16, 20, 20), 4
+    field = smooth_field(case_shape, 21)
+    label = block_label(case_shape, block)
+    ds = LabelledInMemoryDataset({"lab": field[None], "unl": field[None]}, {"lab": label[None]})
+    # nnU-Net's full pipeline, with mask-for-norm and RemoveLabelTansform(-1, 0)
+    t = nnUNetTrainer.get_training_transforms(patch, (-30 / 360 * 2 * math.pi, 30 / 360 * 2 * math.pi), None,
+                                              (0, 1, 2), False, use_mask_for_norm=[True])
+    dl = UnlabeledDataLoader(ds, 2, initial_patch(patch, 3), patch, LABELS, transforms=t)
+    checked = n_warped = n_padded = 0
+    for b in collect(dl, 20):
+        assert b["seg"].shape == (2, *patch) and b["seg"].dtype == torch.int16
+        for i, key in enumerate(b["keys"]):
+            seg, coords, valid = b["seg"][i], b["coords"][i], b["valid"][i]
+            assert bool(b["has_label"][i]) == (key == "lab")
+            assert (seg[~valid] == UNKNOWN_LABEL).all()
+            n_padded += int((~valid).sum() > 0)
+            if key == "unl":
+                assert (seg == UNKNOWN_LABEL).all()
+                continue
+            assert (seg[valid] >= 0).all()
+            n_warped += bool((coords - coords.round()).abs().amax() > 1e-3)
+            # voxels at least one voxel away from every block border, inside the case
+            dist = torch.stack([((c + 0.5) - block * torch.round((c + 0.5) / block)).abs() for c in coords]).amin(0)
+            ok = valid & (dist > 1.0)
+            idx = [c[ok].round().long() for c in coords]
+            expected = torch.from_numpy(label)[tuple(idx)].clamp_min(0)  # -1 (outside the non-zero mask) is background
+            assert torch.equal(seg[ok].long(), expected.long())
+            checked += int(ok.sum())
+    assert checked > 5000 and n_warped >= 2 and n_padded >= 1
+
+
+def test_labels_do_not_change_the_stream():
+    """Same seeds, with and without a label for a case: identical images, coordinates, validity (the
+    augmentation's random draws do not depend on the label)."""
+    case_shape, patch = (20, 28, 28), (16, 20, 20)
+    field = smooth_field(case_shape, 4)
+    t = nnUNetTrainer.get_training_transforms(patch, (-30 / 360 * 2 * math.pi, 30 / 360 * 2 * math.pi), None,
+                                              (0, 1, 2), False, use_mask_for_norm=[True])
+    runs = []
+    for labels in ({"a": block_label(case_shape)[None]}, {}):
+        np.random.seed(5)
+        torch.manual_seed(5)
+        dl = UnlabeledDataLoader(LabelledInMemoryDataset({"a": field[None], "b": field[None] + 1}, labels), 2,
+                                 initial_patch(patch, 3), patch, LABELS, transforms=t)
+        runs.append(collect(dl, 12))
+    for with_label, without in zip(*runs):
+        assert with_label["keys"] == without["keys"]
+        for k in ("data", "coords", "valid"):
+            assert torch.equal(with_label[k], without[k]), k
+        assert (without["seg"] == -1).all() and not without["has_label"].any()
+    assert any(b["has_label"].any() for b in runs[0])

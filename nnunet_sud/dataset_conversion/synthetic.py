@@ -21,6 +21,8 @@ Layout written (nnU-Net v2 raw format, ``.nii.gz``, single channel ``0000``)::
         dataset.json
         imagesTr/  labelsTr/        labeled cases   syn_lab_000_0000.nii.gz, syn_lab_000.nii.gz
         imagesUnlabeled/            unlabeled cases syn_unl_000_0000.nii.gz
+        labelsUnlabeled/            their labels    syn_unl_000.nii.gz (only to measure target quality:
+                                                    preprocess-unlabeled carries them, no loss reads them)
         imagesTs/  labelsTs/        test cases      syn_ts_000_0000.nii.gz,  syn_ts_000.nii.gz
 
 Arrays are generated in (z, y, x) order; 2d cases are single-slice volumes of shape (1, y, x)
@@ -171,12 +173,12 @@ def generate_dataset(raw_folder: str, dataset_id: int, dim: str = "3d", n_labele
         raise UserFacingError(f"--shape {shape} does not fit --dim {dim} (2d: Y X or 1 Y X; 3d: Z Y X)")
     name = name or f"Synthetic{dim.upper()}"
     folder = os.path.join(raw_folder, f"Dataset{int(dataset_id):03d}_{name}")
-    for sub in ("imagesTr", "labelsTr", "imagesUnlabeled", "imagesTs", "labelsTs"):
+    for sub in ("imagesTr", "labelsTr", "imagesUnlabeled", "labelsUnlabeled", "imagesTs", "labelsTs"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     rng = np.random.default_rng(seed)
     spacing = DEFAULT_SPACING[dim]
     groups = (("imagesTr", "labelsTr", "syn_lab", n_labeled),
-              ("imagesUnlabeled", None, "syn_unl", n_unlabeled),
+              ("imagesUnlabeled", "labelsUnlabeled", "syn_unl", n_unlabeled),
               ("imagesTs", "labelsTs", "syn_ts", n_test))
     for img_dir, lab_dir, prefix, n in groups:
         for i in range(n):

@@ -11,6 +11,9 @@ Layout written::
         split.json          labeled / unlabeled / test / excluded ids, seed, source, counts
         imagesTr/ labelsTr/ labeled cases            CASE_0000<ending>, CASE<ending>
         imagesUnlabeled/    unlabeled cases          CASE_0000<ending>
+        labelsUnlabeled/    the withheld labels of unlabeled cases (CASE<ending>), if any: preprocess-unlabeled
+                            carries them so that trainers can measure the quality of their training targets;
+                            they never enter a loss (DESIGN.md §7)
         imagesTs/ labelsTs/ test cases (labelsTs only for test cases that have a label)
         splits_final.json   grouped 5-fold cross-validation (only when cases are grouped)
 """
@@ -28,7 +31,7 @@ from nnunet_sud.dataset_conversion.caseio import (H5Case, check_label_values, ch
                                                   load_h5_case, read_geometry, read_label_array, write_array)
 from nnunet_sud.dataset_conversion.split import CaseInfo, Split, SplitOptions, assign_roles, grouped_cv_splits
 
-FOLDERS = {"labeled": ("imagesTr", "labelsTr"), "unlabeled": ("imagesUnlabeled", None),
+FOLDERS = {"labeled": ("imagesTr", "labelsTr"), "unlabeled": ("imagesUnlabeled", "labelsUnlabeled"),
            "test": ("imagesTs", "labelsTs")}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
@@ -239,14 +242,16 @@ def write_dataset(cases: Sequence[SourceCase], spec: DatasetSpec, split_opts: Sp
     staging = os.path.join(raw, f".nnunet_sud_converting_{os.path.basename(final)}_{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        for sub in ("imagesTr", "labelsTr", "imagesUnlabeled", "imagesTs", "labelsTs"):
+        for sub in ("imagesTr", "labelsTr", "imagesUnlabeled", "labelsUnlabeled", "imagesTs", "labelsTs"):
             os.makedirs(os.path.join(staging, sub))
         allowed = spec.allowed_values()
         jobs = [(c, split.roles[c.case_id], staging, spec, out, allowed) for c in cases
                 if split.roles[c.case_id] != "excluded"]
         t0 = time.time()
         results = _run_jobs(jobs, out.num_processes)
-        labels = spec.labels if spec.labels is not None else _infer_labels(results)
+        # inferred from the labels training sees (labeled, test), not from the withheld ones
+        labels = spec.labels if spec.labels is not None else \
+            _infer_labels([r for r, j in zip(results, jobs) if j[1] != "unlabeled"])
         n = {r: len(split.cases(r)) for r in ("labeled", "unlabeled", "test", "excluded")}
         _write_dataset_json(staging, spec, labels, n, final)
         cv = grouped_cv_splits(split) if grouped else None
@@ -257,8 +262,9 @@ def write_dataset(cases: Sequence[SourceCase], spec: DatasetSpec, split_opts: Sp
         if out.command:
             record["command"] = out.command
         _write_json(record, os.path.join(staging, "split.json"))
-        if not os.listdir(os.path.join(staging, "labelsTs")):
-            os.rmdir(os.path.join(staging, "labelsTs"))
+        for sub in ("labelsTs", "labelsUnlabeled"):
+            if not os.listdir(os.path.join(staging, sub)):
+                os.rmdir(os.path.join(staging, sub))
         replaced = _existing(raw, out.dataset_id)
         for d in replaced:
             shutil.rmtree(os.path.join(raw, d))

@@ -17,6 +17,10 @@ with ``L_sup`` nnU-Net's own loss (deep supervision included), ``t`` the trainin
 * the training progress and the weight ramp;
 * logging of the unlabeled loss, weight and any schedule values into nnU-Net's log, its
   logger checkpoint and ``progress.png``;
+* the target-quality view (DESIGN.md §7): when some unlabeled cases have labels
+  (``labelsUnlabeled``, carried by the stream as ``batch_u['seg']``), ``record_target_quality``
+  scores what a method learns from (teacher, pseudo-label, stored target, ...) per class and
+  logs the epoch's Dice as ``target_dice/<name>``. Those labels never enter a loss;
 * extra state in checkpoints: written beside each nnU-Net checkpoint as
   ``<checkpoint>_extra_state.pth`` (atomically, before the checkpoint itself), restored by
   ``--c``, the one of ``checkpoint_latest`` removed with it at the end of training;
@@ -25,7 +29,7 @@ with ``L_sup`` nnU-Net's own loss (deep supervision included), ``t`` the trainin
 Inference is untouched: model folders of subclasses are ordinary nnU-Net model folders.
 """
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,8 +42,8 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.schedules import LinearRamp
-from nnunet_sud.trainers.logging import SemiSupervisedLocalLogger
-from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, make_augmenter, unlabeled_identifiers
+from nnunet_sud.trainers.logging import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
+from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, cases_with_labels, make_augmenter, unlabeled_identifiers
 from nnunet_sud.unlabeled.preprocess import INFO_SUFFIX, configuration_fingerprint, unlabeled_folder_name
 
 EXTRA_STATE_SUFFIX = "_extra_state.pth"
@@ -58,6 +62,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         get_extra_state() -> dict / set_extra_state(dict)   state beside the checkpoint
     Class attribute ``extra_log_keys``: names of the floats ``unlabeled_loss`` returns in
     ``logs`` that are averaged per epoch and logged/plotted (e.g. ("alpha", "beta")).
+    ``unlabeled_loss`` calls ``record_target_quality(batch_u, name=map, ...)`` with what the
+    method learns from; it is a no-op unless some unlabeled cases have labels.
     """
 
     extra_log_keys: Tuple[str, ...] = ()
@@ -73,6 +79,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.unlabeled_worker_seeds = None
         self._iteration_in_epoch = 0
         self.logger.local_logger = SemiSupervisedLocalLogger(self._logged_keys())
+        #: unlabeled cases with a label in labelsUnlabeled (set when the unlabeled loader is built)
+        self.unlabeled_cases_with_labels = []
+        self._target_maps: Dict[str, bool] = {}            # name -> has a kept mask, in call order
+        self._target_counts: Dict[str, torch.Tensor] = {}  # name -> (3, n_classes) TP, FP, FN
+        self._target_kept: Dict[str, torch.Tensor] = {}    # name -> (2,) kept, labelled voxels
 
     # ------------------------------------------------------------------ paths and checks
     @property
@@ -126,17 +137,24 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         downsampling of the (meaningless) unlabeled segmentation."""
         rotation_for_DA, do_dummy_2d_data_aug, _, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        # no region conversion: the segmentation key carries [non-zero mask, label] (loader.py) and the
+        # labels stay integer labels; no loss reads it
         return self.get_training_transforms(
             self.configuration_manager.patch_size, rotation_for_DA, None, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
-            foreground_labels=self.label_manager.foreground_labels,
-            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
+            foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
 
     def get_unlabeled_dataloader(self):
         folder = self.preprocessed_unlabeled_folder
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         dataset = infer_dataset_class(folder)(folder, unlabeled_identifiers(folder))
+        self.unlabeled_cases_with_labels = cases_with_labels(folder, dataset.identifiers)
+        if self.unlabeled_cases_with_labels:
+            self.print_to_log_file(
+                f"{len(self.unlabeled_cases_with_labels)} of {len(dataset.identifiers)} unlabeled cases have a label "
+                f"(labelsUnlabeled): target quality is logged as {TARGET_DICE_KEY}<name>; these labels never enter "
+                f"a loss")
         initial_patch_size = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2]
         loader = UnlabeledDataLoader(dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
                                      self.configuration_manager.patch_size, self.label_manager,
@@ -175,8 +193,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def _unlabeled_batch_to_device(self, batch_u: dict) -> dict:
         out = dict(batch_u)
-        for k in ("data", "coords", "valid"):
-            out[k] = batch_u[k].to(self.device, non_blocking=True)
+        for k in ("data", "coords", "valid", "seg"):
+            if k in batch_u:
+                out[k] = batch_u[k].to(self.device, non_blocking=True)
         return out
 
     def train_step(self, batch: dict) -> dict:
@@ -211,6 +230,118 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         out.update({k: float(logs[k]) for k in self.extra_log_keys})
         return out
 
+    # ------------------------------------------------------------------ target quality (DESIGN.md §7)
+    def target_classes(self) -> list:
+        """Scored classes: foreground labels, or foreground regions (each a label or a tuple of labels)."""
+        lm = self.label_manager
+        return list(lm.foreground_regions) if lm.has_regions else list(lm.foreground_labels)
+
+    @torch.no_grad()
+    def record_target_quality(self, batch_u: dict, kept: Optional[dict] = None, **maps: torch.Tensor) -> None:
+        """Score what the method learns from against the labels some unlabeled cases have.
+
+        Never part of a loss: no gradient, nothing returned; a no-op unless the batch has labelled
+        voxels (cases in labelsUnlabeled, see ``nnunet_sud.unlabeled.loader``).
+
+        Args:
+            batch_u: the unlabeled batch: ``seg`` (B, *P) labels (``UNKNOWN_LABEL`` where unknown),
+                ``valid`` (B, *P) bool, ``has_label`` (B,) bool.
+            kept: optional {map name: (B, *P) mask (bool, or nonzero = kept)} of the voxels the method
+                learns from (pseudo-label gates, uncertainty masks). That map is scored on kept voxels
+                only, and the fraction kept (of the valid labelled voxels) is logged as
+                ``target_kept/<name>``.
+            maps: name=(B, C, *P) class probabilities or logits at the patch resolution (argmax over C;
+                region-based datasets: (B, R, *P) sigmoid probabilities, region r predicted where > 0.5),
+                or name=(B, *P) integer label maps. ``None`` values are skipped.
+
+        Accumulates per foreground class (region) TP, FP, FN over valid voxels with a known label; at
+        epoch end ``target_dice/<name>`` = per class 2 TP / (2 TP + FP + FN) (NaN: class absent from
+        labels and map) goes to nnU-Net's logger, log file and ``progress.png``. DDP: counts are summed
+        over ranks.
+        """
+        if not self.unlabeled_cases_with_labels:
+            return
+        for name in maps:
+            if maps[name] is not None and name not in self._target_maps:
+                self._target_maps[name] = kept is not None and name in kept
+        has_label = batch_u.get("has_label")  # (B,) on the CPU: no device synchronisation
+        if "seg" not in batch_u or (has_label is not None and not bool(torch.as_tensor(has_label).any())):
+            return
+        seg = batch_u["seg"]
+        known = (seg >= 0) & batch_u["valid"].to(seg.device)
+        lm = self.label_manager
+        classes = self.target_classes()
+        if not lm.has_regions:
+            known &= seg < lm.num_segmentation_heads
+        for name, m in maps.items():
+            if m is None:
+                continue
+            voxels = known
+            if kept is not None and name in kept:
+                voxels = known & (kept[name] != 0).to(known.device)
+                k = self._target_kept.setdefault(name, torch.zeros(2, dtype=torch.int64, device=seg.device))
+                k += torch.stack([voxels.sum(), known.sum()])
+            counts = self._target_counts.setdefault(
+                name, torch.zeros((3, len(classes)), dtype=torch.int64, device=seg.device))
+            counts += self._confusion_counts(m.detach(), seg, voxels, classes)
+
+    def _confusion_counts(self, m: torch.Tensor, seg: torch.Tensor, voxels: torch.Tensor, classes: list):
+        """(3, n_classes) TP, FP, FN of map ``m`` against ``seg`` on ``voxels`` (all (B, *P) but m)."""
+        truth = seg[voxels].long()
+        lm = self.label_manager
+        if lm.has_regions:
+            out = []
+            for r, region in enumerate(classes):
+                region = torch.as_tensor(region, device=truth.device).reshape(-1)
+                t = torch.isin(truth, region)
+                p = (m[:, r] > 0.5)[voxels] if m.ndim == seg.ndim + 1 else torch.isin(m[voxels].long(), region)
+                out.append(torch.stack([(p & t).sum(), (p & ~t).sum(), (~p & t).sum()]))
+            return torch.stack(out, 1)
+        n = lm.num_segmentation_heads
+        pred = (m.argmax(1) if m.ndim == seg.ndim + 1 else m)[voxels].long().clamp(0, n - 1)
+        conf = torch.bincount(pred * n + truth, minlength=n * n).view(n, n)  # [predicted, true]
+        tp = conf.diagonal()
+        counts = torch.stack([tp, conf.sum(1) - tp, conf.sum(0) - tp])
+        return counts[:, torch.as_tensor(classes, device=counts.device)]
+
+    def _log_target_quality(self):
+        """Log and print the epoch's target Dice per map (and fraction kept), then reset the counts."""
+        local = self.logger.local_logger
+        n_classes = len(self.target_classes())
+        logged = set()
+        for name, has_kept in self._target_maps.items():
+            counts = self._target_counts.get(name)
+            counts = counts.clone() if counts is not None else torch.zeros((3, n_classes), dtype=torch.int64,
+                                                                           device=self.device)
+            kept = self._target_kept.get(name)
+            kept = kept.clone() if kept is not None else torch.zeros(2, dtype=torch.int64, device=self.device)
+            if self.is_ddp:
+                dist.all_reduce(counts)
+                dist.all_reduce(kept)
+            tp, fp, fn = counts.double().cpu()
+            denom = 2 * tp + fp + fn
+            dice = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.full_like(tp, float("nan"))).tolist()
+            key = TARGET_DICE_KEY + name
+            local.register(key, self.current_epoch)
+            self.logger.log(key, dice, self.current_epoch)
+            logged.add(key)
+            line = f"Target dice {name} {[round(d, 4) for d in dice]}"
+            if has_kept:
+                k, total = kept.double().cpu().tolist()
+                fraction = k / total if total > 0 else float("nan")
+                key = TARGET_KEPT_KEY + name
+                local.register(key, self.current_epoch)
+                self.logger.log(key, fraction, self.current_epoch)
+                logged.add(key)
+                line += f" (kept {round(fraction, 4)} of labelled voxels)"
+            self.print_to_log_file(line)
+        # keys of an earlier run (--c) that this run does not record: one NaN per epoch keeps the lists aligned
+        for key in local.target_keys():
+            if key not in logged:
+                self.logger.log(key, float("nan"), self.current_epoch)
+        self._target_counts.clear()
+        self._target_kept.clear()
+
     # ------------------------------------------------------------------ logging
     def _logged_keys(self):
         return ("unlabeled_loss", "unlabeled_weight", *self.extra_log_keys)
@@ -227,6 +358,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             value = float(np.mean(values))
             self.logger.log(k, value, self.current_epoch)
             self.print_to_log_file(f"{k} {np.round(value, decimals=4)}")
+        self._log_target_quality()
 
     # ------------------------------------------------------------------ checkpoint extras
     def get_extra_state(self) -> dict:

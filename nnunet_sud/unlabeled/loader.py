@@ -8,8 +8,23 @@ augmentation (see ``coordinates.py``). A batch is a dict:
     data   (B, C, *patch) float32   augmented image patch, as the labeled stream's ``data``
     coords (B, 3, *patch) float32   case voxel (z, y, x) each patch voxel was sampled from
     valid  (B, *patch)   bool       False where the patch shows padding instead of the case
+    seg    (B, *patch)   int16      label of cases with one in labelsUnlabeled (see below), else
+                                    ``UNKNOWN_LABEL``; also ``UNKNOWN_LABEL`` on invalid voxels
+                                    and on nnU-Net's ignore label
+    has_label (B,)       bool       whether the sample's case has a label
     keys   list of B case identifiers
     case_shapes (B, 3) int64        preprocessed case shapes (Z, Y, X)
+
+Labels of unlabeled cases (``CASE_label.b2nd``, see ``preprocess.py``) only measure target
+quality; they never reach a loss. They travel as a second channel of the segmentation key, so
+nnU-Net's transforms move them exactly like the image (same grid, nearest/one-hot label
+resampling). Channel 0 stays the non-zero mask (-1 outside) that ``MaskImageTransform`` reads,
+so the image is masked the same way with and without a label. Every sample carries the second
+channel (all -1 for cases without a label: one value, which SpatialTransform copies without
+resampling), so the pipeline and its random draws are the same with and without labels.
+nnU-Net's ``RemoveLabelTansform(-1, 0)`` turns -1 (padding; background outside the non-zero
+mask of a labeled case) into 0 in every channel; "unknown" is therefore not read from the
+channel but from ``has_label`` and ``valid``.
 """
 import os
 from typing import List, Sequence
@@ -21,10 +36,21 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
 from nnunet_sud.unlabeled.coordinates import case_coordinate_channels, split_coordinates
+from nnunet_sud.unlabeled.preprocess import LABEL_PROPERTY, LABEL_SUFFIX
+
+#: value of ``batch['seg']`` where the label is unknown (no label, padding, ignore label)
+UNKNOWN_LABEL = -1
 
 
 class TransformDroppedCoordinatesError(RuntimeError):
     pass
+
+
+def open_case_label(folder: str, key: str):
+    """The preprocessed label of an unlabeled case, (1, *shape) int16, memory-mapped like nnU-Net's seg."""
+    import blosc2
+    kwargs = {} if os.name == "nt" else {"mmap_mode": "r"}
+    return blosc2.open(urlpath=os.path.join(folder, key + LABEL_SUFFIX), mode="r", dparams={"nthreads": 1}, **kwargs)
 
 
 class UnlabeledDataLoader(nnUNetDataLoader):
@@ -36,25 +62,41 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                          oversample_foreground_percent=0.0, transforms=transforms)
         # nnU-Net samples from class_locations when an ignore label exists; unlabeled cases have none
         self.has_ignore = False
+        self.label_manager = label_manager
+
+    def load_label(self, key: str, properties: dict):
+        """The case's preprocessed label (1, *shape) or None when it has none (``LABEL_PROPERTY``).
+        Datasets may provide ``load_label(key)``; otherwise ``CASE_label.b2nd`` beside the case."""
+        if not (properties or {}).get(LABEL_PROPERTY):
+            return None
+        load = getattr(self._data, "load_label", None)
+        return load(key) if load is not None else open_case_label(self._data.source_folder, key)
 
     def generate_train_batch(self) -> dict:
         keys = self.get_indices()
-        data_all = regr_all = None
+        data_all = regr_all = seg_all = None
         shapes = np.zeros((self.batch_size, 3), dtype=np.int64)
+        has_label = torch.zeros(self.batch_size, dtype=torch.bool)
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(keys):
-                data, seg, _, _ = self._data.load_case(key)
+                data, seg, _, properties = self._data.load_case(key)
+                label = self.load_label(key, properties)
+                has_label[j] = label is not None
                 shape = data.shape[1:]
                 shapes[j] = shape
                 bbox_lbs, bbox_ubs = self.get_bbox(shape, False, None)
                 bbox = [[lo, hi] for lo, hi in zip(bbox_lbs, bbox_ubs)]
                 image = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
-                # nonzero mask from preprocessing (-1 outside): used by use_mask_for_norm masking
+                # channel 0: nonzero mask from preprocessing (-1 outside), used by use_mask_for_norm masking;
+                # channel 1: the label, or -1 (one value, copied without resampling) when there is none
                 mask = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
+                lab = torch.full_like(mask, -1) if label is None else \
+                    torch.from_numpy(crop_and_pad_nd(label, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
+                segmentation = torch.cat([mask, lab])
                 regr = case_coordinate_channels(bbox_lbs, bbox_ubs, shape)
                 if self.patch_size_was_2d:
-                    image, mask, regr = image[:, 0], mask[:, 0], regr[:, 0]
-                sample = {"image": image, "segmentation": mask, "regression_target": regr}
+                    image, segmentation, regr = image[:, 0], segmentation[:, 0], regr[:, 0]
+                sample = {"image": image, "segmentation": segmentation, "regression_target": regr}
                 if self.transforms is not None:
                     sample = self.transforms(**sample)
                 if sample.get("regression_target") is None:
@@ -66,16 +108,45 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                     data_all = torch.empty((self.batch_size, *sample["image"].shape), dtype=torch.float32)
                     regr_all = torch.empty((self.batch_size, *sample["regression_target"].shape),
                                            dtype=torch.float32)
+                    seg_all = torch.full((self.batch_size, *sample["image"].shape[1:]), UNKNOWN_LABEL,
+                                         dtype=torch.int16)
                 data_all[j] = sample["image"]
                 regr_all[j] = sample["regression_target"]
+                if label is not None:
+                    seg_all[j] = self._label_channel(sample.get("segmentation"))
         coords, valid = split_coordinates(regr_all, data_all.ndim - 2)
-        return {"data": data_all, "coords": coords.contiguous(), "valid": valid, "keys": list(keys),
-                "case_shapes": torch.from_numpy(shapes)}
+        seg_all[~valid] = UNKNOWN_LABEL
+        ignore = self.label_manager.ignore_label
+        if ignore is not None:
+            seg_all[seg_all == ignore] = UNKNOWN_LABEL
+        return {"data": data_all, "coords": coords.contiguous(), "valid": valid, "seg": seg_all,
+                "has_label": has_label, "keys": list(keys), "case_shapes": torch.from_numpy(shapes)}
+
+    @staticmethod
+    def _label_channel(segmentation) -> torch.Tensor:
+        """The label channel (1) of the augmented segmentation key."""
+        if segmentation is None or isinstance(segmentation, (list, tuple)) or segmentation.shape[0] < 2:
+            raise TransformDroppedCoordinatesError(
+                "a transform of the training pipeline dropped or merged channels of 'segmentation' (the unlabeled "
+                "stream carries [non-zero mask, label] there for cases with a label in labelsUnlabeled). Custom "
+                "segmentation transforms must keep the channels (or remove labelsUnlabeled).")
+        return segmentation[1].to(torch.int16)
 
 
 def unlabeled_identifiers(folder: str) -> List[str]:
     """Complete cases of a preprocessed unlabeled folder (a case is complete once its .pkl exists)."""
     return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".pkl") and not f.startswith("."))
+
+
+def cases_with_labels(folder: str, identifiers: Sequence[str]) -> List[str]:
+    """Cases of a preprocessed unlabeled folder whose properties record a label (``LABEL_PROPERTY``)."""
+    import pickle
+    out = []
+    for key in identifiers:
+        with open(os.path.join(folder, key + ".pkl"), "rb") as f:
+            if pickle.load(f).get(LABEL_PROPERTY):
+                out.append(key)
+    return out
 
 
 def make_augmenter(loader, num_processes: int, seeds: List[int], pin_memory: bool):

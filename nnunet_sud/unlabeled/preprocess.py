@@ -11,6 +11,17 @@ Output: ``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/CASE.b2nd, 
         ``<data_identifier>_unlabeled.json`` beside the folder records which plans and
         configuration produced it, so training can refuse stale data.
 
+Optional labels: ``nnUNet_raw/DatasetXXX/labelsUnlabeled/CASE<file_ending>`` (named like labelsTr)
+for some of the unlabeled images. They only measure how good the targets a semi-supervised
+method makes for itself are (DESIGN.md §7) and never enter a loss. For such a case the image and
+``CASE_seg.b2nd`` are written exactly as for a case without a label (so nothing the training sees
+depends on the label), and in addition ``CASE_label.b2nd`` holds the label preprocessed with its
+image exactly as nnU-Net preprocesses a labeled case (the plans' preprocessor
+``run_case(image_files, label_file, ...)``: the seg nnU-Net would store as ``CASE_seg.b2nd`` of a
+training case). ``CASE.pkl`` records which label was used (``LABEL_PROPERTY``: file name and SHA-1 of
+its bytes, or None); a re-run redoes every case whose record disagrees with labelsUnlabeled
+(label added, changed or removed).
+
 Planning and fingerprinting never see the unlabeled images (see DESIGN.md §2).
 """
 import hashlib
@@ -19,11 +30,17 @@ import multiprocessing
 import os
 import re
 import shutil
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from nnunet_sud.errors import UserFacingError
 
 INFO_SUFFIX = ".json"  # -> <data_identifier>_unlabeled.json beside the folder
+#: raw folder of the optional labels of unlabeled images (named like labelsTr: CASE<file_ending>)
+LABELS_FOLDER = "labelsUnlabeled"
+#: preprocessed label of an unlabeled case: <case><LABEL_SUFFIX> beside <case>.b2nd
+LABEL_SUFFIX = "_label.b2nd"
+#: key in the case's properties (.pkl): None, or {"file": label file name, "sha1": hex digest of its bytes}
+LABEL_PROPERTY = "nnunet_sud_label"
 
 
 def unlabeled_folder_name(data_identifier: str) -> str:
@@ -83,6 +100,54 @@ def find_unlabeled_cases(folder: str, file_ending: str, num_channels: int) -> Di
     return out
 
 
+def find_unlabeled_labels(folder: str, file_ending: str, cases: Dict[str, List[str]]) -> Dict[str, str]:
+    """Labels in ``labelsUnlabeled`` (``CASE<file_ending>``) -> {case id: label file}.
+
+    A missing folder means no labels. Raises UserFacingError naming the file for a label with a
+    wrong file ending or without a matching image in imagesUnlabeled.
+    """
+    if not os.path.isdir(folder):
+        return {}
+    out = {}
+    for f in sorted(f for f in os.listdir(folder) if not f.startswith(".")):
+        path = os.path.join(folder, f)
+        if not f.endswith(file_ending):
+            raise UserFacingError(
+                f"{path}: wrong file ending; labels in {LABELS_FOLDER} are named like labelsTr (CASE{file_ending}, "
+                f"dataset.json 'file_ending'). Rename or convert it, or remove it.")
+        case = f[:-len(file_ending)]
+        if case not in cases:
+            hint = f" (a label has no channel suffix: {case[:-5]}{file_ending})" \
+                if re.fullmatch(r".+_\d{4}", case) and case[:-5] in cases else ""
+            raise UserFacingError(
+                f"{path}: no image '{case}_0000{file_ending}' in imagesUnlabeled for this label{hint}. A label in "
+                f"{LABELS_FOLDER} must have the name of an unlabeled case (CASE{file_ending} for "
+                f"imagesUnlabeled/CASE_0000{file_ending}); rename it, add the image, or remove the label.")
+        out[case] = path
+    return out
+
+
+def label_record(label_file: Optional[str]) -> Optional[dict]:
+    """What ``LABEL_PROPERTY`` records for a label file (None: no label)."""
+    if label_file is None:
+        return None
+    h = hashlib.sha1()
+    with open(label_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"file": os.path.basename(label_file), "sha1": h.hexdigest()}
+
+
+def _recorded_label(output_folder: str, case: str):
+    """The label record of a finished case (its .pkl), or ``False`` when the case is not finished."""
+    import pickle
+    pkl = os.path.join(output_folder, case + ".pkl")
+    if not os.path.isfile(pkl):
+        return False
+    with open(pkl, "rb") as f:
+        return pickle.load(f).get(LABEL_PROPERTY)
+
+
 def _load_plans_and_dataset(dataset_name_or_id, configuration: str, plans_identifier: str):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
@@ -116,8 +181,9 @@ def _load_plans_and_dataset(dataset_name_or_id, configuration: str, plans_identi
 
 
 def _preprocess_one(case: str, image_files: List[str], output_folder: str, plans: dict, configuration: str,
-                    dataset_json: dict) -> str:
-    """Preprocess one unlabeled case with the plans' preprocessor and save it atomically."""
+                    dataset_json: dict, label_file: Optional[str] = None) -> str:
+    """Preprocess one unlabeled case (and its label, if any) with the plans' preprocessor; save it atomically."""
+    import blosc2
     import numpy as np
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -133,6 +199,18 @@ def _preprocess_one(case: str, image_files: List[str], output_folder: str, plans
             f"could not preprocess unlabeled case '{case}' ({', '.join(image_files)}): {type(e).__name__}: {e}. "
             f"Check that the file is a readable image of the dataset's format and that all channels share "
             f"one geometry.") from None
+    label = None
+    if label_file is not None:
+        try:  # exactly nnU-Net's preprocessing of a labeled case; only its seg is kept
+            _, label, _ = preprocessor.run_case(image_files, label_file, pm, cm, dataset_json)
+        except Exception as e:
+            what = "does not have the shape of its image" if "Shape mismatch" in str(e) else "could not be read"
+            raise UserFacingError(
+                f"label {label_file} {what} ({', '.join(image_files)}): {type(e).__name__}: {e}. A label in "
+                f"{LABELS_FOLDER} must be a readable label map on its image's voxel grid (as labelsTr); fix it or "
+                f"remove it.") from None
+        label = label.astype(np.int16, copy=False)
+    properties[LABEL_PROPERTY] = label_record(label_file)
     # the data loader reads class_locations unconditionally; unlabeled cases have none
     keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
     properties["class_locations"] = {(tuple(k) if isinstance(k, list) else k): np.zeros((0, 4), dtype=np.int64)
@@ -146,8 +224,15 @@ def _preprocess_one(case: str, image_files: List[str], output_folder: str, plans
     tmp = os.path.join(output_folder, f".tmp_{case}")
     nnUNetDatasetBlosc2.save_case(data, seg, properties, tmp, chunks=chunks, blocks=blocks,
                                   chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+    if label is not None:  # same chunking as the seg, as nnU-Net stores a training case's seg
+        blosc2.asarray(np.ascontiguousarray(label), urlpath=tmp + LABEL_SUFFIX, chunks=chunks_seg, blocks=blocks_seg,
+                       cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5, "nthreads": 1})
     final = os.path.join(output_folder, case)
-    for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
+    if os.path.isfile(final + ".pkl"):  # a redone case is incomplete until its new .pkl is in place
+        os.remove(final + ".pkl")
+    if label is None and os.path.isfile(final + LABEL_SUFFIX):
+        os.remove(final + LABEL_SUFFIX)
+    for suffix in (".b2nd", "_seg.b2nd") + ((LABEL_SUFFIX,) if label is not None else ()) + (".pkl",):
         os.replace(tmp + suffix, final + suffix)
     return case
 
@@ -156,8 +241,9 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
                          num_processes: int = 4, overwrite: bool = False, progress: bool = True) -> Tuple[str, int]:
     """Preprocess every image of imagesUnlabeled; returns (output folder, number of cases written now).
 
-    Cases already present (complete: their .pkl exists) are skipped unless ``overwrite``; when the
-    plans changed since the folder was written, it is rebuilt.
+    Cases already present (complete: their .pkl exists) are skipped unless ``overwrite`` or their
+    label in labelsUnlabeled was added, changed or removed since; when the plans changed since the
+    folder was written, it is rebuilt.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from tqdm import tqdm
@@ -167,6 +253,7 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     cases = find_unlabeled_cases(os.path.join(raw_folder, "imagesUnlabeled"), dataset_json["file_ending"],
                                  num_channels)
+    labels = find_unlabeled_labels(os.path.join(raw_folder, LABELS_FOLDER), dataset_json["file_ending"], cases)
     cm = PlansManager(plans).get_configuration(configuration)
     out = os.path.join(pre_folder, unlabeled_folder_name(cm.data_identifier))
     info_file = out + INFO_SUFFIX
@@ -185,10 +272,23 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
             os.remove(os.path.join(out, f))
     with open(info_file, "w") as f:
         json.dump(info, f, indent=1)
-    todo = {c: files for c, files in cases.items() if not os.path.isfile(os.path.join(out, c + ".pkl"))}
+    todo, relabelled = {}, []
+    for c, files in cases.items():
+        recorded = _recorded_label(out, c)
+        if recorded is False:
+            todo[c] = files
+        elif recorded != label_record(labels.get(c)):
+            todo[c] = files
+            relabelled.append(c)
     if len(todo) < len(cases):
         print(f"{len(cases) - len(todo)} of {len(cases)} unlabeled cases already preprocessed in {out}; skipping them")
-    args = [(c, files, out, plans, configuration, dataset_json) for c, files in todo.items()]
+    if relabelled:
+        print(f"{len(relabelled)} case(s) redone because their label in {LABELS_FOLDER} was added, changed or "
+              f"removed: {', '.join(relabelled[:5])}{', ...' if len(relabelled) > 5 else ''}")
+    if labels:
+        print(f"{len(labels)} of {len(cases)} unlabeled cases have a label in {LABELS_FOLDER} (used only to measure "
+              f"the quality of training targets, never in a loss)")
+    args = [(c, files, out, plans, configuration, dataset_json, labels.get(c)) for c, files in todo.items()]
     bar = tqdm(total=len(args), desc=f"Preprocessing unlabeled ({configuration})", disable=not progress)
     if num_processes <= 1 or len(args) <= 1:
         for a in args:
@@ -208,7 +308,8 @@ def _star_preprocess_one(a):
 
 def add_parser(sub) -> None:
     p = sub.add_parser("preprocess-unlabeled",
-                       help="preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the dataset's plans",
+                       help="preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled (and the optional labelsUnlabeled, "
+                            "only to measure target quality) with the dataset's plans",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
     p.add_argument("-c", "--configuration", required=True, nargs="+",
