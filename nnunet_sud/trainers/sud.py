@@ -10,7 +10,8 @@ Segmentation" (seeds/000), §3.3, eq. 7-8. Per unlabeled patch u_n at iteration 
 a() is the trained label-map denoiser (log, clip, denoise, softmax: ``apply_denoiser``), z_n^- the
 soft target stored for the same image at its previous visit (kept in case voxel space and
 carried through the augmentation by ``SoftTargetStore``; first visit: z_n^- := the current
-estimate), D soft Dice over valid voxels (optionally + KL(z || f)), applied to every
+estimate), D the squared-norm soft Dice of the paper's eq. 15 over valid voxels (its best f is
+z itself; optionally + KL(z || f); the ``_plainDice`` variants use nnU-Net's plain sums), applied to every
 deep-supervision output with nnU-Net's weights.
 
 Schedules (progress t in [0, 1] over all iterations), as the paper:
@@ -41,7 +42,7 @@ from nnunet_sud.losses.soft_targets import downsample_targets, soft_dice_loss, s
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.targets.store import SoftTargetStore
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
-from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
+from nnunet_sud.trainers.teacher import full_resolution, nnUNetTrainerMeanTeacherBase
 
 STORE_DIR = "soft_targets"
 
@@ -56,6 +57,8 @@ class DenoisedTargetsMixin:
     beta: Optional[float] = None
     #: add KL(z || f) to the soft Dice (the paper's kidney task)
     use_kl: bool = False
+    #: D's form: "squared" (eq. 15, best f = z) or "plain" (nnU-Net's sums, best f = thresholded z)
+    dice_form: str = "squared"
 
     def _configure_denoised_targets(self):
         if self.beta is None:
@@ -80,14 +83,20 @@ class DenoisedTargetsMixin:
                                           self.configuration_name, self.fold, self.device)
             self.print_to_log_file(f"denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
 
-    def spatial_denoise(self, f: torch.Tensor) -> torch.Tensor:
-        """beta a(f) + (1 - beta) f   for f (B, C, *P) probabilities (no gradient)."""
-        if self.beta == 0:
-            return f
+    @torch.no_grad()
+    def denoise(self, f: torch.Tensor) -> torch.Tensor:
+        """a(f): the denoiser on f (B, C, *P) probabilities (no gradient). SUD^2 overrides it."""
         t0 = time.perf_counter()
         a_f = apply_denoiser(self.denoiser, f)
         self.component_times["denoiser"] += time.perf_counter() - t0
-        return self.beta * a_f + (1 - self.beta) * f
+        return a_f
+
+    def spatial_denoise(self, f: torch.Tensor, a_f: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """beta a(f) + (1 - beta) f   for f (B, C, *P) probabilities (no gradient); ``a_f``: a(f)
+        when already computed."""
+        if self.beta == 0:
+            return f
+        return self.beta * (self.denoise(f) if a_f is None else a_f) + (1 - self.beta) * f
 
     def soft_target_loss(self, outputs, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """D(z, f) summed over deep-supervision outputs with nnU-Net's weights."""
@@ -99,7 +108,8 @@ class DenoisedTargetsMixin:
             if w == 0:
                 continue
             o = o.float()
-            term = soft_dice_loss(torch.softmax(o, 1), z_s, m_s, batch_dice=self.configuration_manager.batch_dice)
+            term = soft_dice_loss(torch.softmax(o, 1), z_s, m_s, batch_dice=self.configuration_manager.batch_dice,
+                                  form=self.dice_form)
             if self.use_kl:
                 term = term + soft_kl_loss(torch.log_softmax(o, 1), z_s, m_s)
             loss = loss + w * term
@@ -140,21 +150,25 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
     # ------------------------------------------------------------------ the method
     @torch.no_grad()
     def soft_targets(self, f: torch.Tensor, batch_u: dict, alpha: float) -> torch.Tensor:
-        """z_n = alpha (beta a(f_n) + (1 - beta) f_n) + (1 - alpha) z_n^-   (eq. 8), stored back."""
-        current = self.spatial_denoise(f)
+        """z_n = alpha (beta a(f_n) + (1 - beta) f_n) + (1 - alpha) z_n^-   (eq. 8) on the patch;
+        the store takes the same update in case space (only the new estimate is resampled)."""
+        a_f = self.denoise(f) if self.beta > 0 else None
+        current = self.spatial_denoise(f, a_f)
         t0 = time.perf_counter()
-        z_prev = self.store.read(batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"])
+        where = (batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"])
+        z_prev = self.store.read(*where)
         first_visit = torch.isnan(z_prev).any(1, keepdim=True)
-        z = torch.where(first_visit, current, alpha * current + (1 - alpha) * z_prev)
-        self.store.write(batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"], z)
+        z = torch.where(first_visit, current, alpha * current + (1 - alpha) * torch.nan_to_num(z_prev))
+        self.store.update(*where, current, alpha)
         self.component_times["store"] += time.perf_counter() - t0
         self._new_fraction = float(first_visit[:, 0][batch_u["valid"]].float().mean()) \
             if batch_u["valid"].any() else 0.0
+        self.record_target_quality(batch_u, prediction=f, denoised=a_f, target=z)
         return z
 
     def unlabeled_loss(self, batch_u: dict):
         outputs = self.network(batch_u["data"])
-        f = torch.softmax((outputs[0] if isinstance(outputs, (list, tuple)) else outputs).float(), 1)
+        f = torch.softmax(full_resolution(outputs).float(), 1)
         alpha = float(self.alpha(self.training_progress()))
         z = self.soft_targets(f.detach(), batch_u, alpha)
         loss = self.soft_target_loss(outputs, z, batch_u["valid"])
@@ -231,5 +245,8 @@ class nnUNetTrainerSUDMeanTeacher(DenoisedTargetsMixin, nnUNetTrainerMeanTeacher
         outputs = self.network(batch_u["data"])
         with torch.no_grad():
             f_t = torch.softmax(self.teacher_logits(batch_u["data"]).float(), 1)
-            z = self.spatial_denoise(f_t)
+            a_t = self.denoise(f_t) if self.beta > 0 else None
+            z = self.spatial_denoise(f_t, a_t)
+            self.record_target_quality(batch_u, student=torch.softmax(full_resolution(outputs).float(), 1),
+                                       teacher=f_t, denoised=a_t, target=z)
         return self.soft_target_loss(outputs, z, batch_u["valid"]), {}

@@ -37,7 +37,7 @@ Chan, Young, Metzler, "SUD^2: Supervision by Denoising Diffusion Models for Imag
    a(a(...a(f))); with sigma_2 = 0 and K = 1 it is SUD's a(f) exactly.
 
 The soft-target machinery is SUD's (per-image store, eq. 8 of SUD with alpha and beta):
-only ``spatial_denoise`` changes, to beta R(F(f)) + (1 - beta) f, and the penalty is added:
+only ``denoise`` changes (a(f) -> R(F(f)), so the target is beta R(F(f)) + (1 - beta) f), and the penalty is added:
 
     L_unl = D(z, f) + (lambda_2 / lambda_max) L_reg,     total  L_sup + lambda(t) L_unl
 
@@ -190,14 +190,12 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
             r = noisy_denoise(self.denoiser, r, sigma, self.sigma2_scale)
         return r
 
-    def spatial_denoise(self, f: torch.Tensor) -> torch.Tensor:
-        """beta R(F(f)) + (1 - beta) f   (SUD's beta a(f) + (1 - beta) f with SUD^2's denoising)."""
-        if self.beta == 0:
-            return f
+    def denoise(self, f: torch.Tensor) -> torch.Tensor:
+        """R(F(f)) in place of SUD's a(f), so SUD's beta a(f) + (1 - beta) f becomes beta R(F(f)) + (1 - beta) f."""
         t0 = time.perf_counter()
         r = self.diffusion_denoise(f)
         self.component_times["denoiser"] += time.perf_counter() - t0
-        return self.beta * r + (1 - self.beta) * f
+        return r
 
     # ------------------------------------------------------------------ change 2: L_reg
     def latent_penalty(self, bottleneck: Optional[torch.Tensor], f: torch.Tensor) -> torch.Tensor:
