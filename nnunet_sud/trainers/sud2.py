@@ -150,6 +150,7 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
             raise UserFacingError(f"{type(self).__name__}.decorrelate must be 'segmenter' or 'denoiser', got "
                                   f"{self.decorrelate!r}")
         denoising_noise_levels(self.sigma2, self.denoise_steps)  # validates both
+        self._denoised = None  # R(F(f)) of the current step (spatial_denoise)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -191,12 +192,15 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
         return r
 
     def spatial_denoise(self, f: torch.Tensor) -> torch.Tensor:
-        """beta R(F(f)) + (1 - beta) f   (SUD's beta a(f) + (1 - beta) f with SUD^2's denoising)."""
+        """beta R(F(f)) + (1 - beta) f   (SUD's beta a(f) + (1 - beta) f with SUD^2's denoising).
+        R(F(f)) is kept as ``self._denoised`` (None when beta = 0) for the target-quality view."""
+        self._denoised = None
         if self.beta == 0:
             return f
         t0 = time.perf_counter()
         r = self.diffusion_denoise(f)
         self.component_times["denoiser"] += time.perf_counter() - t0
+        self._denoised = r
         return self.beta * r + (1 - self.beta) * f
 
     # ------------------------------------------------------------------ change 2: L_reg
@@ -220,6 +224,7 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
         f = torch.softmax(full_resolution(outputs).float(), 1)
         alpha = float(self.alpha(self.training_progress()))
         z = self.soft_targets(f.detach(), batch_u, alpha)  # SUD's store: alpha-average of beta R(F(f)) + (1-beta) f
+        self.record_target_quality(batch_u, prediction=f, denoised=self._denoised, target=z)
         loss = self.soft_target_loss(outputs, z, batch_u["valid"])
         if self.lambda2 > 0:
             l_reg = self.latent_penalty(bottleneck, f)
