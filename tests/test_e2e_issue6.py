@@ -56,6 +56,8 @@ def test_sud2_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path):
     log = ckpt["logging"]
     assert len(log["latent_decorrelation"]) == 2 and all(0 <= v <= 1 for v in log["latent_decorrelation"])
     assert log["beta"] == [pytest.approx(0.05)] * 2
+    for k in ("prediction", "denoised", "target"):  # target quality (labelsUnlabeled of the synthetic data)
+        assert len(log["target_dice/" + k]) == 2 and all(len(d) == 3 for d in log["target_dice/" + k]), k
     # the bottleneck wrapper keeps nnU-Net's state-dict keys: an ordinary nnU-Net model folder
     assert all(k.startswith(("encoder.", "decoder.")) for k in ckpt["network_weights"])
     assert not os.path.exists(os.path.join(fold, "soft_targets"))
@@ -73,6 +75,7 @@ def test_segmatch_train_predict(synthetic3d, nnunet_dirs, tmp_path):
     for k in ("pseudo_label_fraction", "discriminator_score", "discriminator_loss"):
         assert len(log[k]) == 2 and all(np.isfinite(log[k])), k
     assert all(0 <= v <= 1 for v in log["pseudo_label_fraction"] + log["discriminator_score"])
+    assert len(log["target_dice/pseudo_label"]) == 2 and len(log["target_kept/pseudo_label"]) == 2
     # the discriminator is beside the network, trained once per step
     extra = _load(os.path.join(fold, "checkpoint_final_extra_state.pth"))
     assert _adam_steps(extra["discriminator_optimizer"]) == {6}
@@ -125,5 +128,7 @@ def test_dmnet_interrupt_resume_predict(synthetic3d, nnunet_dirs, tmp_path):
     assert _adam_steps(final["discriminator_optimizer"]) == {6}  # 3 restored + 3 after resuming
     log = _load(os.path.join(fold, "checkpoint_final.pth"))["logging"]
     assert len(log["dice_difference"]) == 2 and all(0 <= v <= 1 for v in log["dice_difference"])
+    assert all(len(log["target_dice/" + k]) == 2 for k in ("decoder1", "decoder2", "average"))  # across --c
+    assert "Target dice average" in out
     assert not os.path.exists(os.path.join(fold, "checkpoint_latest_extra_state.pth"))
     _predict_one(synthetic3d, trainer, tmp_path)

@@ -102,6 +102,11 @@ def test_mean_teacher_family_trains_resumes_and_predicts(synthetic3d, tiny_denoi
     assert final_side["ema_step"] == 4                                   # counted across the interruption
     assert not os.path.exists(os.path.join(mt, "fold_0", "checkpoint_latest_extra_state.pth"))
     mt_final = _ckpt(mt)
+    # target quality (the synthetic data labels its unlabeled cases): per-class Dice per epoch, kept by --c
+    for key in ("target_dice/student", "target_dice/teacher"):
+        dice = mt_final["logging"][key]
+        assert len(dice) == 2 and all(len(d) == 3 for d in dice) and np.isfinite(dice[1]).any(), key
+    assert "Target dice teacher" in out
     assert set(mt_final["network_weights"]) == set(student)              # the student only: no teacher inside
     predictor, _ = _predict_in_process(synthetic3d, mt)
     assert type(predictor.network).__name__ == "PlainConvUNet"
@@ -112,8 +117,8 @@ def test_mean_teacher_family_trains_resumes_and_predicts(synthetic3d, tiny_denoi
         run_cmd(train + [tr], env=env)
         ck = _ckpt(_base(results, name, tr))
         assert set(ck["network_weights"]) == set(student)               # no teacher, no denoiser inside
-        for k in keys:
-            assert len(ck["logging"][k]) == 1 and np.isfinite(ck["logging"][k][0]), k
+        for k in keys + ("target_kept/teacher_certain" if "UAMT" in tr else "target_dice/denoised",):
+            assert len(ck["logging"][k]) == 1 and np.isfinite(ck["logging"][k][0]).any(), k
         side = torch.load(os.path.join(_base(results, name, tr), "fold_0", "checkpoint_final_extra_state.pth"),
                           weights_only=False)
         assert side["ema_step"] == 2

@@ -107,6 +107,7 @@ class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
         p_t = self.probabilities(self.teacher_logits(self.perturb(x)))   # f(x + xi; theta_t)
         p_hat = apply_denoiser(self.denoiser, p_t)                       # DAE(p_t), one inference
         loss, u, w = self.consistency_loss(p_s, p_t, p_hat, self.training_progress())
+        self.record_target_quality(batch_u, student=p_s, teacher=p_t, denoised=p_hat)
         return loss, {"uncertainty_mean": float(u.mean()), "reliability_mean": float(w.mean())}
 
 

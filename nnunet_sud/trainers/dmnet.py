@@ -309,6 +309,8 @@ class nnUNetTrainerDMNet(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainerSem
         p_u = self.decoder_probabilities(self.network(batch_u["data"]))
         valid = batch_u["valid"]
         l_semi = dice_difference_loss(sharpen(p_u[0], self.temperature), sharpen(p_u[1], self.temperature), valid)
+        self.record_target_quality(batch_u, decoder1=p_u[0], decoder2=p_u[1],
+                                   average=(p_u[0].detach() + p_u[1].detach()) / 2)  # the inference output
         loss = self.lambda2 * l_semi
         logs = {"dice_difference": float(l_semi.detach()), "adversarial_loss": float("nan"),
                 "discriminator_loss": float("nan")}

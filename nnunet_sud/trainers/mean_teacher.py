@@ -45,4 +45,5 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerMeanTeacherBase):
         x = batch_u["data"]                                              # (B, C_in, *patch)
         p_s = self.probabilities(self.student_logits(x))                 # f(x; theta_s)
         p_t = self.probabilities(self.teacher_logits(self.perturb(x)))   # f(x + xi; theta_t)
+        self.record_target_quality(batch_u, student=p_s, teacher=p_t)
         return self.consistency_loss(p_s, p_t), {}

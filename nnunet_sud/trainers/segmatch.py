@@ -289,6 +289,7 @@ class nnUNetTrainerSegMatch(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainer
             logs.update(discriminator_score=float(scores.mean()), discriminator_loss=float(l_d.detach()))
         m = self.gate(p_weak, valid, scores)
         l_u = gated_cross_entropy(full_resolution(self.network(x_strong)), y_hat, m, valid)  # line 6
+        self.record_target_quality(batch_u, {"pseudo_label": m}, prediction=p_weak, pseudo_label=y_hat)
         v = valid.float()
         logs["pseudo_label_fraction"] = float((m * v).sum() / v.sum().clamp_min(1.0))
         return l_u, logs

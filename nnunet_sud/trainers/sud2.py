@@ -217,7 +217,8 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
             outputs = self.network(batch_u["data"])
         f = torch.softmax(full_resolution(outputs).float(), 1)
         alpha = float(self.alpha(self.training_progress()))
-        z = self.soft_targets(f.detach(), batch_u, alpha)  # SUD's store: alpha-average of beta R(F(f)) + (1-beta) f
+        # SUD's store: alpha-average of beta R(F(f)) + (1-beta) f; records prediction, R(F(f)) and target
+        z = self.soft_targets(f.detach(), batch_u, alpha)
         loss = self.soft_target_loss(outputs, z, batch_u["valid"])
         if self.lambda2 > 0:
             l_reg = self.latent_penalty(bottleneck, f)

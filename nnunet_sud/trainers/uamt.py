@@ -104,5 +104,6 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
         p_t = self.probabilities(self.teacher_logits(self.perturb(x)))   # f(x + xi_0; theta_t)
         p_k = self.mc_teacher_probabilities(x)                           # f(x + xi_k; theta_t), k = 1..K
         loss, u, mask, threshold = self.consistency_loss(p_s, p_t, p_k, self.training_progress())
+        self.record_target_quality(batch_u, {"teacher_certain": mask}, student=p_s, teacher=p_t, teacher_certain=p_t)
         return loss, {"uncertainty_threshold": threshold, "mask_fraction": float(mask.mean()),
                       "uncertainty_mean": float(u.mean())}
