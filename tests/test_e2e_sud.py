@@ -85,6 +85,8 @@ def test_sud_train_interrupt_resume_predict(synthetic3d, tiny_denoiser, nnunet_d
     assert len(log["alpha"]) == 2 and log["alpha"][0] == pytest.approx(np.mean([1, 5 / 6, 4 / 6]))
     assert log["beta"] == [pytest.approx(0.05)] * 2
     assert log["unlabeled_weight"][1] == pytest.approx(4 * np.mean([3 / 6, 4 / 6, 5 / 6]))
+    for k in ("prediction", "denoised", "target"):  # what SUD learns from, vs labelsUnlabeled, across --c
+        assert len(log["target_dice/" + k]) == 2 and all(len(d) == 3 for d in log["target_dice/" + k]), k
     # side files of the run are gone; the model folder is an ordinary nnU-Net one
     for d in ("soft_targets", "soft_targets_checkpoint_latest", "soft_targets_checkpoint_best"):
         assert not os.path.exists(os.path.join(fold, d))
@@ -103,6 +105,7 @@ def test_sud_mean_teacher_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs,
     assert state["ema_step"] == 6 and "teacher_weights" in state  # one EMA update per step, kept for --c
     ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)
     assert not any(k.startswith("teacher") for k in ckpt["network_weights"])  # inference: the student only
+    assert {"target_dice/" + k for k in ("student", "teacher", "denoised", "target")} <= set(ckpt["logging"])
     _predict_one(synthetic3d, trainer, tmp_path)
 
 
@@ -119,4 +122,6 @@ def test_te_train_predict(synthetic3d, nnunet_dirs, tmp_path):
     log = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)["logging"]
     # the very first step finds no target at all, so epoch 0's mean is at least 1/3
     assert 1 / 3 - 1e-6 <= log["target_new_fraction"][0] <= 1 and 0 <= log["target_new_fraction"][1] <= 1
+    assert "target_dice/prediction" in log and "target_dice/target" in log
+    assert "target_dice/denoised" not in log  # TE has no denoiser
     _predict_one(synthetic3d, trainer, tmp_path)
