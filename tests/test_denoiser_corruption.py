@@ -170,3 +170,15 @@ def test_one_hot_axis_is_said_not_guessed_single_slice_2d():
                                                                                           has_channel_axis=False))
     with pytest.raises(ValueError, match="expected"):
         labels_to_one_hot(torch.zeros(2, 3, 4, 4, dtype=torch.long), C, has_channel_axis=True)
+
+
+def test_squared_sigma_distribution_puts_half_the_samples_in_the_lowest_quarter():
+    g = torch.Generator().manual_seed(0)
+    p = LabelMapCorruption((0.0, 8.0), (0.0, 8.0), sigma_distribution="squared").get_parameters(20000, g)
+    s = p["sigma"]
+    assert float(s.min()) >= 0 and float(s.max()) <= 8
+    assert abs(float((s < 2.0).float().mean()) - 0.5) < 0.02      # P(8 u^2 < 2) = P(u < 1/2)
+    assert abs(float(s.mean()) - 8 / 3) < 0.1                     # E[8 u^2] = 8/3
+    assert abs(float(p["scale"].mean()) - 4) < 0.1                # the scale stays uniform
+    with pytest.raises(ValueError, match="sigma_distribution"):
+        LabelMapCorruption(sigma_distribution="normal")
