@@ -152,3 +152,33 @@ def test_apply_denoiser_gives_no_gradient_to_the_segmenter():
         def forward(self, t):
             return [t * 2, t[..., ::2, ::2]]
     assert torch.allclose(apply_denoiser(DS(), probs), torch.softmax(2 * denoiser_input(probs), 1), atol=1e-6)
+
+
+def test_one_hot_axis_is_said_not_guessed_single_slice_2d():
+    """A single-slice 2d case (1, Y, X) batched as (B, 1, Y, X) has no channel axis: its z axis of
+    size 1 must survive; with a channel axis (B, 1, 1, Y, X) only that axis is replaced."""
+    seg = torch.tensor([[[0, 1, 2], [3, 1, 0]]])[None]             # (B=1, z=1, Y=2, X=3), no channel axis
+    oh = labels_to_one_hot(seg, C, has_channel_axis=False)
+    assert oh.shape == (1, C, 1, 2, 3)
+    assert torch.equal(oh.argmax(1), seg) and torch.equal(oh.sum(1), torch.ones_like(seg).float())
+    assert oh[0, :, 0, 1, 0].tolist() == [0, 0, 0, 1]                 # label 3 at (z=0, y=1, x=0)
+    oh_c = labels_to_one_hot(seg[:, None], C, has_channel_axis=True)  # (B, 1, 1, 2, 3): channel axis given
+    assert torch.equal(oh_c, oh)
+    # a 2d training batch (B, 1, Y, X) of nnU-Net targets
+    tgt = random_labels((3, 8, 6))
+    assert torch.equal(labels_to_one_hot(tgt, C, has_channel_axis=True), labels_to_one_hot(tgt[:, 0], C,
+                                                                                          has_channel_axis=False))
+    with pytest.raises(ValueError, match="expected"):
+        labels_to_one_hot(torch.zeros(2, 3, 4, 4, dtype=torch.long), C, has_channel_axis=True)
+
+
+def test_squared_sigma_distribution_puts_half_the_samples_in_the_lowest_quarter():
+    g = torch.Generator().manual_seed(0)
+    p = LabelMapCorruption((0.0, 8.0), (0.0, 8.0), sigma_distribution="squared").get_parameters(20000, g)
+    s = p["sigma"]
+    assert float(s.min()) >= 0 and float(s.max()) <= 8
+    assert abs(float((s < 2.0).float().mean()) - 0.5) < 0.02      # P(8 u^2 < 2) = P(u < 1/2)
+    assert abs(float(s.mean()) - 8 / 3) < 0.1                     # E[8 u^2] = 8/3
+    assert abs(float(p["scale"].mean()) - 4) < 0.1                # the scale stays uniform
+    with pytest.raises(ValueError, match="sigma_distribution"):
+        LabelMapCorruption(sigma_distribution="normal")

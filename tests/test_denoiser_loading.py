@@ -25,10 +25,12 @@ def _cmd(fold, cfg=CFG):
 SCRATCH_FOLD = 7  # the checkpoint-writing trainers' own output folders (removed afterwards)
 
 
-def _save(trainer_cls, plans, cfg, dataset_json, path, fold=SCRATCH_FOLD):
+def _save(trainer_cls, plans, cfg, dataset_json, path, fold=SCRATCH_FOLD, **settings):
     plans = copy.deepcopy(plans)
     plans["continue_training"] = False
     tr = trainer_cls(plans, cfg, fold, dataset_json, torch.device("cpu"))
+    for k, v in settings.items():
+        setattr(tr, k, v)
     tr.initialize()
     tr.save_checkpoint(path)
     return path
@@ -50,7 +52,8 @@ def ckpts(synthetic3d, tmp_path_factory, nnunet_dirs):
     out["den3cls"] = _save(nnUNetTrainerLabelDenoiser, plans, CFG, ds3, str(d / "den3cls.pth"))
     coarse = copy.deepcopy(plans)
     coarse["configurations"][CFG]["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [4, 2, 2]]
-    out["den_stride16"] = _save(nnUNetTrainerLabelDenoiser, coarse, CFG, ds, str(d / "den_stride16.pth"))
+    out["den_stride16"] = _save(nnUNetTrainerLabelDenoiser, coarse, CFG, ds, str(d / "den_stride16.pth"),
+                                denoiser_num_stages=None)  # all planned stages: down-sampling 16 x 8 x 8
     yield out
     # leave no model folders behind for other test modules
     for f in (2, 3, 4, SCRATCH_FOLD):
@@ -213,3 +216,50 @@ def test_region_based_datasets_are_refused(ckpts, nnunet_dirs, monkeypatch):
     finally:
         shutil.rmtree(pre, ignore_errors=True)
         shutil.rmtree(os.path.join(nnunet_dirs["nnUNet_results"], "Dataset994_Regions"), ignore_errors=True)
+
+
+def _validation(rows):
+    """A denoiser_validation.json 'final' block: rows (sigma, s, noisy Dice, denoised Dice)."""
+    return {"trainer": "nnUNetTrainerLabelDenoiser", "final": {"settings": [
+        {"sigma": a, "scale": b, "noisy": {"dice": n, "hd95": 1.0}, "denoised": {"dice": d, "hd95": 1.0}}
+        for a, b, n, d in rows]}}
+
+
+@pytest.mark.parametrize("rows,expected", [
+    (None, ["no recorded validation", "quality on clean label maps is unknown", "--val"]),
+    ([(1.0, 1.0, 0.62, 0.70), (2.0, 2.0, 0.15, 0.60)], ["no sigma = 0 row", "unknown"]),
+    ([(0.0, 1.0, 1.0, 0.42), (1.0, 1.0, 0.62, 0.70)], ["sigma = 0, s = 1", "Dice 0.420", "needs >= 0.95",
+                                                        "degrades correct segmentations"]),
+    ([(0.0, 1.0, 1.0, 0.97), (0.5, 1.0, 0.93, 0.90)], ["sigma = 0.5, s = 1", "Dice 0.900 < 0.930"]),
+])
+def test_recorded_validation_that_degrades_clean_maps_warns_loudly(ckpts, monkeypatch, tmp_path, rows, expected):
+    from nnunet_sud.denoiser.loading import DenoiserQualityWarning
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    shutil.copy(ckpts["den3d"], fold / "checkpoint_final.pth")
+    if rows is not None:
+        save_json(_validation(rows), str(fold / "denoiser_validation.json"))
+    monkeypatch.setenv(ENV_VAR, str(fold))
+    with pytest.warns(DenoiserQualityWarning) as rec:
+        load_denoiser(991, PLANS, CFG, 0, "cpu")
+    msg = " ".join(str(w.message) for w in rec if w.category is DenoiserQualityWarning)
+    for e in expected:
+        assert e in msg, msg
+    assert str(fold / ("denoiser_validation.json" if rows is not None else "checkpoint_final.pth")) in msg
+
+
+def test_recorded_validation_near_identity_on_clean_maps_is_silent(ckpts, monkeypatch, tmp_path):
+    import warnings
+    from nnunet_sud.denoiser.loading import DenoiserQualityWarning, recorded_validation_problems
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    shutil.copy(ckpts["den3d"], fold / "checkpoint_final.pth")
+    rows = [(0.0, 1.0, 1.0, 0.95), (0.5, 1.0, 0.93, 0.95), (1.0, 1.0, 0.60, 0.94), (8.0, 8.0, 0.04, 0.5)]
+    save_json(_validation(rows), str(fold / "denoiser_validation.json"))
+    assert recorded_validation_problems(str(fold / "checkpoint_final.pth")) is None
+    monkeypatch.setenv(ENV_VAR, str(fold))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DenoiserQualityWarning)
+        load_denoiser(991, PLANS, CFG, 0, "cpu")
+    # a stricter threshold flags the same record
+    assert "Dice 0.950 against the clean map" in recorded_validation_problems(str(fold / "checkpoint_final.pth"), 0.96)

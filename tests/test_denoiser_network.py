@@ -156,3 +156,46 @@ def test_architecture_without_nnunet_encoder_is_refused(plans, monkeypatch):
     pm = PlansManager(plans)
     with pytest.raises(UserFacingError, match="no nnU-Net style encoder"):
         build_label_denoiser(pm, pm.get_configuration("2d"), C)
+
+
+@pytest.mark.parametrize("resenc", [False, True])
+def test_trainer_narrows_and_shortens_the_planned_network_and_records_it(plans, synthetic3d, tmp_path, resenc):
+    """denoiser_features_scale / denoiser_num_stages: the trainer's network, its saved plans and the
+    network load_denoiser_checkpoint rebuilds from the checkpoint all agree; the caller's plans stay as
+    they were."""
+    from nnunet_sud.denoiser.loading import load_denoiser_checkpoint
+    from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
+
+    p = _resenc_plans(plans) if resenc else copy.deepcopy(plans)
+    p["continue_training"] = False
+    before = copy.deepcopy(p)
+    planned = p["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    tr = nnUNetTrainerLabelDenoiser(p, "3d_fullres", 6, load_json(os.path.join(synthetic3d["preprocessed"],
+                                                                               "dataset.json")), torch.device("cpu"))
+    tr.denoiser_features_scale = 0.5
+    tr.denoiser_num_stages = 3
+    tr.initialize()
+    assert p == before
+    want = [int(round(f * 0.5)) for f in planned["features_per_stage"][:3]]
+    assert list(tr.network.encoder.output_channels) == want
+    assert [list(s) for s in tr.network.encoder.strides] == [list(s) for s in planned["strides"][:3]]
+    assert len(tr.network.decoder.stages) == 2
+    saved = tr.plans_manager.plans["configurations"]["3d_fullres"]["architecture"]
+    assert saved["arch_kwargs"]["features_per_stage"] == want and saved["denoiser_num_stages"] == 3
+    # deep supervision follows the shortened network: one output per decoder stage
+    tr.network.decoder.deep_supervision = True
+    outs = tr.network(torch.zeros(1, C, *tr.configuration_manager.patch_size))
+    assert len(outs) == 2 and len(tr._get_deep_supervision_scales()) == 2
+    ckpt = str(tmp_path / "den.pth")
+    tr.save_checkpoint(ckpt)
+    net, info = load_denoiser_checkpoint(ckpt)
+    assert list(net.encoder.output_channels) == want
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in tr.network.state_dict().items()}
+    # a second initialisation from the saved (already adapted) plans does not narrow again
+    tr2 = nnUNetTrainerLabelDenoiser(dict(tr.plans_manager.plans, continue_training=False), "3d_fullres", 6,
+                                     tr.dataset_json, torch.device("cpu"))
+    tr2.denoiser_features_scale, tr2.denoiser_num_stages = 0.5, 3
+    tr2.initialize()
+    assert list(tr2.network.encoder.output_channels) == want
+    import shutil
+    shutil.rmtree(tr.output_folder, ignore_errors=True)

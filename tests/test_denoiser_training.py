@@ -69,7 +69,13 @@ def test_denoised_beats_noisy_on_held_out_validation_maps(trained):
     log = open(sorted(glob.glob(os.path.join(trained["fold"], "training_log_*.txt")))[-1]).read()
     assert log.count("Denoiser validation, noisy vs denoised (1 case(s))") == 2
     assert "Denoiser validation (all validation cases), noisy vs denoised" in log
-    assert res["corruption_train"] == {"sigma": [0.0, 8.0], "scale": [0.0, 8.0], "interpolation": "linear"}
+    assert res["corruption_train"] == {"sigma": [0.0, 8.0], "scale": [0.0, 8.0], "sigma_distribution": "squared",
+                                       "interpolation": "linear"}
+    # the trained network and schedule are recorded: the default 3 stages at a quarter of the planned widths
+    cfg = load_json(os.path.join(trained["preprocessed"], "nnUNetPlans.json"))["configurations"]["3d_fullres"]
+    planned = cfg["architecture"]["arch_kwargs"]["features_per_stage"]
+    assert res["network"]["features_per_stage"] == [round(f / 4) for f in planned[:3]]
+    assert res["schedule"]["num_epochs"] == 2 and res["schedule"]["num_iterations_per_epoch"] == 60
 
 
 def test_val_flag_reruns_the_denoiser_validation(trained):

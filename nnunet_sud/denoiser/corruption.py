@@ -49,6 +49,7 @@ LOG_CLIP_MIN = -3.0
 """Lower clip of the log-probabilities (paper: -3 stands for probability 0)."""
 
 Range = Union[float, int, Tuple[float, float], Sequence[float]]
+SIGMA_DISTRIBUTIONS = ("uniform", "squared")
 
 
 def log_clip(probs: torch.Tensor, low: float = LOG_CLIP_MIN) -> torch.Tensor:
@@ -62,18 +63,29 @@ def log_clip(probs: torch.Tensor, low: float = LOG_CLIP_MIN) -> torch.Tensor:
     return torch.log(probs.clamp_min(math.exp(low))).clamp(low, 0.0)
 
 
-def labels_to_one_hot(seg: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def labels_to_one_hot(seg: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32,
+                      has_channel_axis: Optional[bool] = None) -> torch.Tensor:
     """One-hot encoding of an integer label map.
 
     Args:
-        seg: (B, 1, *spatial) or (B, *spatial) integer labels. Values outside ``[0, num_classes)``
-            (nnU-Net's ignore label, -1 padding) get an all-zero vector: after ``log_clip`` and
-            softmax such voxels are uniform over the classes ("unknown").
+        seg: (B, 1, *spatial) integer labels (nnU-Net's target layout) when ``has_channel_axis`` is
+            True, (B, *spatial) when it is False. Values outside ``[0, num_classes)`` (nnU-Net's
+            ignore label, -1 padding) get an all-zero vector: after ``log_clip`` and softmax such
+            voxels are uniform over the classes ("unknown").
         num_classes: C, classes including background.
+        dtype: of the result.
+        has_channel_axis: whether axis 1 is a channel axis (of size 1) to be replaced by the classes.
+            Say it: a single-slice 2d case (1, Y, X) batched as (B, 1, Y, X) has no channel axis,
+            but its first spatial axis has size 1 as well. ``None`` keeps the old guess (axis 1 of
+            size 1 is the channel axis), which is wrong for exactly such maps.
     Returns:
         (B, C, *spatial) tensor of ``dtype``.
     """
-    if seg.ndim >= 2 and seg.shape[1] == 1:
+    if has_channel_axis is None:
+        has_channel_axis = seg.ndim >= 2 and seg.shape[1] == 1
+    if has_channel_axis:
+        if seg.ndim < 3 or seg.shape[1] != 1:
+            raise ValueError(f"labels_to_one_hot: expected (B, 1, *spatial) labels, got shape {tuple(seg.shape)}")
         seg = seg[:, 0]
     seg = seg.long()
     valid = (seg >= 0) & (seg < num_classes)
@@ -196,6 +208,9 @@ class LabelMapCorruption:
             Paper: [0, 8].
         interpolation: 'linear' (smooth, default) or 'nearest' (blocky) upsampling of the noise.
         log_min: lower clip of the log-probabilities (paper: -3).
+        sigma_distribution: how ``sigma`` is drawn from its range ``[lo, hi]``: 'uniform' (the paper)
+            or 'squared' (``lo + (hi - lo) u^2``, u uniform: density falling with sigma, half the
+            samples in the lowest quarter of the range -- more nearly clean maps).
 
     Usage::
 
@@ -206,9 +221,12 @@ class LabelMapCorruption:
     """
 
     def __init__(self, sigma: Range = (0.0, 8.0), scale: Range = (0.0, 8.0), interpolation: str = "linear",
-                 log_min: float = LOG_CLIP_MIN):
+                 log_min: float = LOG_CLIP_MIN, sigma_distribution: str = "uniform"):
         self.sigma = _as_range(sigma, "sigma")
         self.scale = _as_range(scale, "scale")
+        if sigma_distribution not in SIGMA_DISTRIBUTIONS:
+            raise ValueError(f"sigma_distribution must be one of {SIGMA_DISTRIBUTIONS}, got {sigma_distribution!r}")
+        self.sigma_distribution = sigma_distribution
         if interpolation not in ("linear", "nearest"):
             raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
         self.interpolation = interpolation
@@ -216,10 +234,11 @@ class LabelMapCorruption:
 
     def get_parameters(self, batch_size: int, generator: Optional[torch.Generator] = None) -> dict:
         """Draw ``sigma`` and ``scale`` (each a float tensor of shape (batch_size,), on the CPU)."""
-        def draw(lo, hi):
+        def draw(lo, hi, power=1):
             u = torch.rand(batch_size, generator=generator, device=generator.device if generator else None)
-            return (lo + (hi - lo) * u).float().cpu()
-        return {"sigma": draw(*self.sigma), "scale": draw(*self.scale)}
+            return (lo + (hi - lo) * u ** power).float().cpu()
+        sigma = draw(*self.sigma, power=2 if self.sigma_distribution == "squared" else 1)
+        return {"sigma": sigma, "scale": draw(*self.scale)}
 
     def apply(self, x: torch.Tensor, sigma, scale, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Corrupt ``x`` (B, C, *spatial) with the given per-sample parameters; returns softmax probabilities."""
@@ -230,7 +249,8 @@ class LabelMapCorruption:
 
     def __repr__(self):
         return (f"{type(self).__name__}(sigma={self.sigma}, scale={self.scale}, "
-                f"interpolation={self.interpolation!r}, log_min={self.log_min})")
+                f"interpolation={self.interpolation!r}, log_min={self.log_min}, "
+                f"sigma_distribution={self.sigma_distribution!r})")
 
 
 def denoiser_input(probs: torch.Tensor, log_min: float = LOG_CLIP_MIN) -> torch.Tensor:

@@ -35,10 +35,15 @@ import torch
 
 from nnunet_sud.denoiser.corruption import corrupt_probabilities, labels_to_one_hot, stable_seed
 
-DEFAULT_EVAL_SETTINGS: Tuple[Tuple[float, float], ...] = ((1.0, 1.0), (2.0, 2.0), (4.0, 4.0), (8.0, 8.0))
-"""Fixed (sigma, s) settings of the denoiser validation, along the diagonal of the paper's
-training range [0, 8]^2: from mild per-voxel noise (a few wrong voxels per structure) to the
-extreme corner sigma = s = 8, where denoising becomes inpainting (Fig. 8)."""
+DEFAULT_EVAL_SETTINGS: Tuple[Tuple[float, float], ...] = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (2.0, 2.0), (4.0, 4.0),
+                                                           (8.0, 8.0))
+"""Fixed (sigma, s) settings of the denoiser validation. sigma = 0: the clean map itself -- the
+denoiser must be near the identity there (a segmenter's late predictions are near-clean, SUD eq. 8
+pulls the targets towards a(f)); ``load_denoiser`` warns when this row's denoised Dice is below
+0.95. sigma = 0.5: mildly noisy probabilities whose argmax is still almost the clean map (the
+regime of real predictions). Then along the diagonal of the paper's training range [0, 8]^2, from
+per-voxel noise that flips background voxels everywhere (sigma = 1) to the extreme corner
+sigma = s = 8, where denoising becomes inpainting (Fig. 8)."""
 
 
 def nanmean(values) -> float:
@@ -174,7 +179,9 @@ class DenoiserEvaluator:
         valid = None if ignore is None else seg != ignore
         labels = list(self.label_manager.foreground_labels)
         padded, crop = self._pad(seg)
-        onehot = labels_to_one_hot(torch.from_numpy(padded)[None].long(), self.num_classes)  # (1, C, *spatial)
+        # padded is (*spatial) (a 2d configuration's single-slice case: (1, Y, X)): batch axis only, no channel axis
+        onehot = labels_to_one_hot(torch.from_numpy(padded)[None].long(), self.num_classes,
+                                   has_channel_axis=False)  # (1, C, *spatial)
         slice_wise = len(self.configuration_manager.patch_size) < padded.ndim
         out = []
         for sigma, scale in self.settings:

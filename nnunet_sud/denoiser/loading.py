@@ -18,6 +18,13 @@ divisible by the denoiser's total down-sampling (so the denoiser can read a segm
 Differences in label names or configuration name only warn. Every failure raises
 ``UserFacingError`` naming the file and the ``nnUNetv2_train`` command that makes a matching
 denoiser.
+
+Quality: ``load_denoiser`` reads the denoiser's recorded validation (``denoiser_validation.json``
+beside the checkpoint) and warns loudly (``DenoiserQualityWarning``) when it degrades clean maps
+(sigma = 0 row: denoised Dice below ``CLEAN_DICE_MIN``), makes mildly noisy maps (0 < sigma <= 1)
+worse, or when there is no such record (quality on clean maps unknown). SUD pulls its targets
+towards the denoised prediction: a denoiser that is not near the identity on near-clean maps
+pulls them the wrong way.
 """
 import contextlib
 import io
@@ -50,6 +57,72 @@ def default_denoiser_folder(dataset_name: str, plans_identifier: str, configurat
                               f"{ENV_VAR} at a denoiser checkpoint")
     return os.path.join(nnUNet_results, dataset_name, f"{DENOISER_TRAINER}__{plans_identifier}__{configuration}",
                         f"fold_{fold}")
+
+
+VALIDATION_JSON = "denoiser_validation.json"
+CLEAN_DICE_MIN = 0.95
+"""Least mean foreground Dice of ``a(y)`` against a clean map ``y`` (the sigma = 0 row of the
+denoiser's validation) below which ``load_denoiser`` warns: SUD pulls its targets towards
+``a(f)``, and late in training ``f`` is near-clean (SUD §3.3-3.4)."""
+
+
+class DenoiserQualityWarning(UserWarning):
+    """The loaded denoiser degrades clean or mildly noisy label maps, or its quality is unknown."""
+
+
+def _row_dice(row, kind):
+    d = (row.get(kind) or {}).get("dice")
+    return None if d is None else float(d)
+
+
+def recorded_validation_problems(checkpoint_file: str, clean_dice_min: float = CLEAN_DICE_MIN):
+    """What the denoiser's recorded validation says against using it; ``None`` if nothing.
+
+    Reads ``denoiser_validation.json`` beside the checkpoint (written by
+    ``nnUNetTrainerLabelDenoiser.perform_actual_validation``, layout in ``evaluation.py``) and
+    returns a message when its sigma = 0 row (clean maps) has a denoised Dice below
+    ``clean_dice_min``, when a row with 0 < sigma <= 1 (mild noise: the regime of a segmenter's
+    predictions) is denoised worse than it was noisy, or when the file or its sigma = 0 row is
+    missing (quality on clean maps unknown).
+    """
+    folder = os.path.dirname(os.path.abspath(checkpoint_file))
+    path = os.path.join(folder, VALIDATION_JSON)
+    trainer_cmd = ("run the denoiser's validation again with its training command plus --val (nnUNetv2_train "
+                   "DATASET CONFIG FOLD -tr <denoiser trainer> --val) with a sigma = 0 setting in its "
+                   "denoiser_eval_settings (the default has one)")
+    if not os.path.isfile(path):
+        return (f"the denoiser {checkpoint_file} has no recorded validation ({path} not found): its quality on "
+                f"clean label maps is unknown. To measure it, {trainer_cmd}.")
+    try:
+        import json
+        with open(path) as f:
+            settings = json.load(f)["final"]["settings"]
+    except Exception as e:
+        return f"cannot read the denoiser's recorded validation {path} ({type(e).__name__}: {e}): its quality is unknown."
+    clean = [r for r in settings if float(r["sigma"]) == 0]
+    problems = []
+    if not clean:
+        problems.append(f"{path} has no sigma = 0 row (it predates it): the denoiser's quality on clean label maps "
+                        f"is unknown. To measure it, {trainer_cmd}")
+    for r in clean:
+        den = _row_dice(r, "denoised")
+        if den is not None and den < clean_dice_min:
+            problems.append(f"on clean held-out maps (sigma = 0, s = {float(r['scale']):g}) the denoiser gives mean "
+                            f"Dice {den:.3f} against the clean map (needs >= {clean_dice_min:.2f}): it degrades "
+                            f"correct segmentations")
+    for r in settings:
+        sigma = float(r["sigma"])
+        den, noisy = _row_dice(r, "denoised"), _row_dice(r, "noisy")
+        if 0 < sigma <= 1 and den is not None and noisy is not None and den < noisy:
+            problems.append(f"at sigma = {sigma:g}, s = {float(r['scale']):g} the denoised maps are worse than the "
+                            f"noisy ones (Dice {den:.3f} < {noisy:.3f})")
+    if not problems:
+        return None
+    return (f"the label denoiser {checkpoint_file} may pull targets the wrong way -- its recorded validation "
+            f"({path}) says: " + "; ".join(problems) + ". A denoiser used by SUD / DAE uncertainty / post-denoise "
+            f"must be near the identity on clean maps. Train it longer or with the package's default schedule "
+            f"(nnUNetTrainerLabelDenoiser, docs/denoiser.md), add label maps (labelsDenoiser/ + nnunet-sud "
+            f"preprocess-denoiser-labels), and check the new denoiser_validation.json before training with it.")
 
 
 def find_denoiser_checkpoint(dataset_name: str, plans_identifier: str, configuration: str, fold) -> str:
@@ -202,6 +275,9 @@ def load_denoiser(dataset_name_or_id: Union[int, str], plans_identifier: str, co
     Raises:
         UserFacingError: missing or unfinished denoiser, unreadable checkpoint, not a denoiser,
             mismatching classes / dimensionality / down-sampling, unknown dataset or plans.
+    Warns:
+        DenoiserQualityWarning: its recorded validation shows it degrades clean (sigma = 0) or mildly
+            noisy maps, or there is no such record (``recorded_validation_problems``).
     """
     from nnunet_sud.denoiser.data import resolve_dataset_name
 
@@ -214,6 +290,10 @@ def load_denoiser(dataset_name_or_id: Union[int, str], plans_identifier: str, co
                               f"integer labels in dataset.json")
     ckpt_file = find_denoiser_checkpoint(name, plans_identifier, configuration, fold)
     net, info = load_denoiser_checkpoint(ckpt_file, cmd)
+    problem = recorded_validation_problems(ckpt_file)
+    if problem is not None:
+        warnings.warn("\n" + "!" * 80 + "\nWARNING (nnunet_sud): " + problem + "\n" + "!" * 80,
+                      DenoiserQualityWarning, stacklevel=2)
     where = f"the denoiser {ckpt_file} (configuration {info['configuration']})"
     if info["num_classes"] != lm_s.num_segmentation_heads:
         raise UserFacingError(f"{where} has {info['num_classes']} classes but {name} ({plans_identifier}) has "

@@ -3,19 +3,28 @@
     nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerLabelDenoiser [-p PLANS]
 
 What differs from ``nnUNetTrainer`` (everything else -- data loading, nnU-Net's spatial
-augmentation, Dice+CE loss with deep supervision, SGD/poly LR, checkpoints -- is nnU-Net's):
+augmentation, Dice+CE loss with deep supervision, poly LR, checkpoints -- is nnU-Net's):
 
 * Network: ``build_network_architecture`` returns the skip-free auto-encoder built from the
   configuration's plans (``network.py``); input and output channels = number of classes.
+  Before it is built, ``initialize`` keeps the first ``denoiser_num_stages`` (3) planned stages
+  and scales their features by ``denoiser_features_scale`` (0.25), and writes that architecture
+  into the trainer's copy of the plans (saved with the model, so the predictor and
+  ``load_denoiser`` rebuild the same network).
   Region-based label set-ups are refused (``UserFacingError``). Cascade configurations are
   trained on their own label maps without the previous stage.
+* Schedule: Adam (``initial_lr`` 2e-3, poly decay), batch ``denoiser_batch_size`` (8), 20 x 100
+  steps; ``denoiser_optimizer = 'sgd'`` gives nnU-Net's SGD. Chosen on ACDC_lite / LA_lite label
+  maps so that the denoiser stays near the identity on clean maps and improves noisy ones within
+  about 20 CPU minutes (docs/denoiser.md, "Choosing the defaults").
 * Data: the images are never read. The loader gets the label maps of the training split
   (plus ``labelsDenoiser/`` maps preprocessed with ``nnunet-sud preprocess-denoiser-labels``,
   when present) with a zero dummy image; nnU-Net's spatial transforms (rotation, scaling,
   mirroring, dummy-2d) are kept, its intensity transforms dropped (they only touch images).
 * Step: the network input is the corrupted one-hot of the augmented label patch
   (``LabelMapCorruption``: log -> clip [-3, 0] -> + coarse Gaussian noise -> softmax, sigma and s
-  uniform in ``corruption_sigma`` / ``corruption_scale``, paper [0, 8]); the target is the
+  in ``corruption_sigma`` / ``corruption_scale``, paper [0, 8]; s uniform, sigma
+  ``corruption_sigma_distribution`` 'squared': more nearly clean maps); the target is the
   clean patch. The corruption runs in the main process on the training device (torch's
   RNG is not reseeded in nnU-Net's augmentation workers, so it must not run there).
 * Validation: nnU-Net's pseudo Dice is logged as usual (on randomly corrupted patches). In
@@ -29,6 +38,7 @@ augmentation, Dice+CE loss with deep supervision, SGD/poly LR, checkpoints -- is
 The trained model folder is an ordinary nnU-Net folder;
 ``nnunet_sud.denoiser.loading.load_denoiser`` finds and loads it for the SUD trainers.
 """
+import copy
 from typing import List
 
 import numpy as np
@@ -46,6 +56,18 @@ from nnunet_sud.errors import UserFacingError
 
 VALIDATION_JSON = "denoiser_validation.json"
 _HISTORY_KEY = "denoiser_eval"
+
+# defaults (chosen on ACDC_lite / LA_lite label maps, docs/denoiser.md "Choosing the defaults")
+DEFAULT_FEATURES_SCALE = 0.25
+DEFAULT_NUM_STAGES = 3
+MIN_FEATURES = 4
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_EPOCHS = 20
+DEFAULT_ITERATIONS_PER_EPOCH = 100
+DEFAULT_CORRUPTION_SIGMA = (0.0, 8.0)
+DEFAULT_CORRUPTION_SCALE = (0.0, 8.0)
+DEFAULT_SIGMA_DISTRIBUTION = "squared"
+DEFAULT_EVAL_EVERY = 5
 
 
 def _image_only(t) -> bool:
@@ -69,21 +91,37 @@ class nnUNetTrainerLabelDenoiser(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        # own copy: initialize() writes the denoiser's (narrower) architecture into the plans it saves
+        plans = copy.deepcopy(plans)
         super().__init__(plans, configuration, fold, dataset_json, device)
         check_label_manager_supported(self.label_manager, f"{type(self).__name__}")
         # the denoiser reads label maps only: no previous-stage segmentation even for cascade configs
         self.is_cascaded = False
         self.folder_with_segs_from_previous_stage = None
 
-        # corruption (SUD §3.4: sigma, s in [0, 8]); a number fixes the value, a pair is sampled uniformly
-        self.corruption_sigma = (0.0, 8.0)
-        self.corruption_scale = (0.0, 8.0)
+        # network: the configuration's planned encoder/decoder stages, features_per_stage scaled by this
+        # factor (label maps are piecewise constant: a quarter of a segmenter's width suffices, see
+        # docs/denoiser.md); 1.0 = the segmenter's widths
+        self.denoiser_features_scale = DEFAULT_FEATURES_SCALE
+        # and cut to the first N planned stages (None: all); fewer stages = a larger bottleneck, see docs
+        self.denoiser_num_stages = DEFAULT_NUM_STAGES
+        # optimisation: Adam (lr 2e-3, poly decay) on its own batch size; 'sgd' = nnU-Net's SGD (lr initial_lr)
+        self.denoiser_optimizer = "adam"
+        self.initial_lr = 2e-3
+        self.denoiser_batch_size = DEFAULT_BATCH_SIZE   # None: the plans' batch size
+        self.num_epochs = DEFAULT_EPOCHS
+        self.num_iterations_per_epoch = DEFAULT_ITERATIONS_PER_EPOCH
+        self.num_val_iterations_per_epoch = 5
+        # corruption (SUD §3.4: sigma, s in [0, 8]); a number fixes the value, a pair is sampled per sample
+        self.corruption_sigma = DEFAULT_CORRUPTION_SIGMA
+        self.corruption_scale = DEFAULT_CORRUPTION_SCALE
+        self.corruption_sigma_distribution = DEFAULT_SIGMA_DISTRIBUTION
         self.corruption_interpolation = "linear"
         # extra label maps without images (labelsDenoiser/, preprocessed); False: training split only
         self.use_denoiser_labels = True
         # noisy-vs-denoised validation at fixed (sigma, s)
         self.denoiser_eval_settings = DEFAULT_EVAL_SETTINGS
-        self.denoiser_eval_every = 1          # epochs; 0 disables the per-epoch evaluation
+        self.denoiser_eval_every = DEFAULT_EVAL_EVERY   # epochs; 0 disables the per-epoch evaluation
         self.denoiser_eval_max_cases = 4      # per-epoch subset of the validation cases (final: all)
         self.denoiser_eval_seed = 12345
         self._corruption = None
@@ -97,7 +135,58 @@ class nnUNetTrainerLabelDenoiser(nnUNetTrainer):
         return build_label_denoiser(plans_manager, configuration_manager, num_output_channels,
                                     deep_supervision=enable_deep_supervision)
 
+    def _apply_denoiser_architecture(self):
+        """The denoiser's network: the first ``denoiser_num_stages`` planned stages, features scaled.
+
+        ``features_per_stage`` is multiplied by ``denoiser_features_scale`` (at least ``MIN_FEATURES``)
+        and the per-stage lists (features, kernels, strides, convolutions per stage) are cut to the
+        first ``denoiser_num_stages`` stages (``None``: all). Written into the configuration manager
+        (what ``build_network_architecture`` and nnU-Net's deep-supervision scales read) and into this
+        trainer's own copy of the plans, so the model folder's plans.json and the checkpoint's
+        ``init_args`` describe the network that was trained (nnU-Net's predictor and
+        ``load_denoiser`` rebuild it from there). Kernels, strides, norm and nonlinearity stay the
+        planned ones.
+        """
+        scale = float(self.denoiser_features_scale)
+        if scale <= 0:
+            raise ValueError(f"denoiser_features_scale must be > 0, got {scale}")
+        arch = self.configuration_manager.configuration["architecture"]
+        kw = arch["arch_kwargs"]
+        if "denoiser_features_scale" not in arch:  # plans written by a denoiser trainer are adapted already
+            planned = len(kw["features_per_stage"])
+            n = planned if self.denoiser_num_stages is None else int(self.denoiser_num_stages)
+            if not 2 <= n <= planned:
+                raise ValueError(f"denoiser_num_stages must be in [2, {planned}] (the planned stages) or None, "
+                                 f"got {self.denoiser_num_stages}")
+            for k in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage"):
+                if isinstance(kw.get(k), (list, tuple)):
+                    kw[k] = list(kw[k])[:n]
+            if isinstance(kw.get("n_conv_per_stage_decoder"), (list, tuple)):
+                kw["n_conv_per_stage_decoder"] = list(kw["n_conv_per_stage_decoder"])[:n - 1]
+            if "n_stages" in kw:
+                kw["n_stages"] = n
+            kw["features_per_stage"] = [max(MIN_FEATURES, int(round(f * scale))) for f in kw["features_per_stage"]]
+            arch["denoiser_features_scale"] = scale
+            arch["denoiser_num_stages"] = n
+        self.plans_manager.plans["configurations"][self.configuration_name]["architecture"] = copy.deepcopy(arch)
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        if self.denoiser_batch_size and not self.is_ddp:
+            self.batch_size = int(self.denoiser_batch_size)
+
+    def configure_optimizers(self):
+        if self.denoiser_optimizer == "sgd":
+            return super().configure_optimizers()
+        if self.denoiser_optimizer != "adam":
+            raise ValueError(f"denoiser_optimizer must be 'adam' or 'sgd', got {self.denoiser_optimizer!r}")
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+        optimizer = torch.optim.Adam(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
     def initialize(self):
+        if not self.was_initialized:
+            self._apply_denoiser_architecture()
         super().initialize()
         self.num_input_channels = self.label_manager.num_segmentation_heads
         hist = self._local_logging()
@@ -114,7 +203,8 @@ class nnUNetTrainerLabelDenoiser(nnUNetTrainer):
     def corruption(self) -> LabelMapCorruption:
         if self._corruption is None:
             self._corruption = LabelMapCorruption(self.corruption_sigma, self.corruption_scale,
-                                                  self.corruption_interpolation)
+                                                  self.corruption_interpolation,
+                                                  sigma_distribution=self.corruption_sigma_distribution)
         return self._corruption
 
     # ------------------------------------------------------------------ data
@@ -156,7 +246,7 @@ class nnUNetTrainerLabelDenoiser(nnUNetTrainer):
         """
         target = batch["target"]
         seg = (target[0] if isinstance(target, list) else target).to(self.device, non_blocking=True)
-        onehot = labels_to_one_hot(seg, self.label_manager.num_segmentation_heads)
+        onehot = labels_to_one_hot(seg, self.label_manager.num_segmentation_heads, has_channel_axis=True)
         batch = dict(batch)
         batch["data"] = self.corruption(onehot)
         return batch
@@ -242,7 +332,14 @@ class nnUNetTrainerLabelDenoiser(nnUNetTrainer):
         out = {"trainer": type(self).__name__, "configuration": self.configuration_name,
                "fold": self.fold, "plans": self.plans_manager.plans_name,
                "corruption_train": {"sigma": list(self.corruption.sigma), "scale": list(self.corruption.scale),
+                                    "sigma_distribution": self.corruption.sigma_distribution,
                                     "interpolation": self.corruption.interpolation},
+               "network": {"features_per_stage": list(self.configuration_manager.network_arch_init_kwargs[
+                   "features_per_stage"]), "strides": [x if isinstance(x, int) else list(x) for x in
+                               self.configuration_manager.network_arch_init_kwargs["strides"]], "features_scale": float(self.denoiser_features_scale)},
+               "schedule": {"optimizer": self.denoiser_optimizer, "initial_lr": self.initial_lr,
+                            "batch_size": self.batch_size, "num_epochs": self.num_epochs,
+                            "num_iterations_per_epoch": self.num_iterations_per_epoch},
                "final": res, "history": [h for h in hist.get(_HISTORY_KEY, []) if h is not None]}
         save_json(_jsonable(out), join(self.output_folder, VALIDATION_JSON), sort_keys=False)
         self.print_to_log_file("Denoiser validation (all validation cases), noisy vs denoised:\n"
