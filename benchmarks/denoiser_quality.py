@@ -139,13 +139,23 @@ def run_setting(args, name, source_folder, configuration):
         if getattr(args, opt) is not None:
             setattr(tr, attr, getattr(args, opt))
     done = os.path.join(tr.output_folder, VALIDATION_JSON)
+    final_ckpt = os.path.join(tr.output_folder, "checkpoint_final.pth")
     if args.reuse and os.path.isfile(done):  # a finished run of the same command line
         res = load_json(done)
         seconds = "reused"
     else:
         t0 = time.time()
-        tr.run_training()  # ends with perform_actual_validation -> denoiser_validation.json
-        seconds = {"plan_preprocess": round(t_pre, 1), "train_and_validate": round(time.time() - t0, 1)}
+        if args.reuse and os.path.isfile(final_ckpt):  # trained, not yet validated
+            tr.initialize()
+            tr.load_checkpoint(final_ckpt)
+            t_train = "reused"
+        else:
+            tr.run_training()
+            t_train = round(time.time() - t0, 1)
+        t0 = time.time()
+        tr.perform_actual_validation()  # what nnUNetv2_train runs after training -> denoiser_validation.json
+        seconds = {"plan_preprocess": round(t_pre, 1), "train": t_train,
+                   "final_validation": round(time.time() - t0, 1)}
         res = load_json(done)
     return {"setting": name, "tune": bool(args.tune and fold == 1), "configuration": configuration,
             "train_maps": len(splits[fold]["train"]), "val_maps": len(splits[fold]["val"]),
@@ -179,7 +189,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see above)")
     p.add_argument("--num-processes", type=int, default=2, help="plan_and_preprocess processes")
     p.add_argument("--reuse", action="store_true",
-                   help="report a setting whose denoiser_validation.json exists instead of training again")
+                   help="report a setting whose denoiser_validation.json exists instead of training again; "
+                        "one with only checkpoint_final.pth is validated without training")
     p.add_argument("--out", default=None, help="results JSON (default WORK/denoiser_quality[_tune].json)")
     args = p.parse_args(argv)
     if not args.la and not args.acdc:

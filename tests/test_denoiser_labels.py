@@ -162,9 +162,10 @@ def test_training_batches_are_corrupted_one_hot_labels(extra, monkeypatch):
     batch = next(dl_tr)
     target = batch["target"][0]
     assert batch["data"].shape[1] == 1 and not batch["data"].any()  # images never read
-    assert tuple(target.shape) == (2, 1, 24, 32, 32) and target.min() >= 0 and target.max() <= 3
+    # the denoiser's own batch size (denoiser_batch_size = 8), not the plans' (2)
+    assert tuple(target.shape) == (8, 1, 24, 32, 32) and target.min() >= 0 and target.max() <= 3
     x = tr._with_denoiser_input(batch)["data"]
-    assert tuple(x.shape) == (2, 4, 24, 32, 32)
+    assert tuple(x.shape) == (8, 4, 24, 32, 32)
     assert torch.allclose(x.sum(1), torch.ones_like(x.sum(1)), atol=1e-5)
     assert torch.equal(x.argmax(1), target[:, 0].long())
     tr.corruption_sigma, tr._corruption = 6.0, None

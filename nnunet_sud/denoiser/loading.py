@@ -22,7 +22,7 @@ denoiser.
 Quality: ``load_denoiser`` reads the denoiser's recorded validation (``denoiser_validation.json``
 beside the checkpoint) and warns loudly (``DenoiserQualityWarning``) when it degrades clean maps
 (sigma = 0 row: denoised Dice below ``CLEAN_DICE_MIN``), makes mildly noisy maps (0 < sigma <= 1)
-worse, or when there is no such record (quality on clean maps unknown). SUD pulls its targets
+worse and below that, or when there is no such record (quality on clean maps unknown). SUD pulls its targets
 towards the denoised prediction: a denoiser that is not near the identity on near-clean maps
 pulls them the wrong way.
 """
@@ -82,8 +82,10 @@ def recorded_validation_problems(checkpoint_file: str, clean_dice_min: float = C
     ``nnUNetTrainerLabelDenoiser.perform_actual_validation``, layout in ``evaluation.py``) and
     returns a message when its sigma = 0 row (clean maps) has a denoised Dice below
     ``clean_dice_min``, when a row with 0 < sigma <= 1 (mild noise: the regime of a segmenter's
-    predictions) is denoised worse than it was noisy, or when the file or its sigma = 0 row is
-    missing (quality on clean maps unknown).
+    predictions) is denoised worse than it was noisy and below ``clean_dice_min`` (at sigma = 0.5
+    the noisy argmax map is still the clean one, Dice ~1, so "worse than noisy" alone would flag
+    every denoiser), or when the file or its sigma = 0 row is missing (quality on clean maps
+    unknown).
     """
     folder = os.path.dirname(os.path.abspath(checkpoint_file))
     path = os.path.join(folder, VALIDATION_JSON)
@@ -113,9 +115,9 @@ def recorded_validation_problems(checkpoint_file: str, clean_dice_min: float = C
     for r in settings:
         sigma = float(r["sigma"])
         den, noisy = _row_dice(r, "denoised"), _row_dice(r, "noisy")
-        if 0 < sigma <= 1 and den is not None and noisy is not None and den < noisy:
+        if 0 < sigma <= 1 and den is not None and noisy is not None and den < min(noisy, clean_dice_min):
             problems.append(f"at sigma = {sigma:g}, s = {float(r['scale']):g} the denoised maps are worse than the "
-                            f"noisy ones (Dice {den:.3f} < {noisy:.3f})")
+                            f"noisy ones (Dice {den:.3f} < {noisy:.3f}) and below {clean_dice_min:.2f}")
     if not problems:
         return None
     return (f"the label denoiser {checkpoint_file} may pull targets the wrong way -- its recorded validation "
