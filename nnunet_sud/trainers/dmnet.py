@@ -316,7 +316,8 @@ class nnUNetTrainerDMNet(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainerSem
                 "discriminator_loss": float("nan")}
         if self.discriminator is not None:
             p_l = self.decoder_probabilities(self.labeled_step["output"])
-            y = labels_to_one_hot(self.labeled_segmentation(), self.label_manager.num_segmentation_heads, p_l[0].dtype)
+            y = labels_to_one_hot(self.labeled_segmentation(), self.label_manager.num_segmentation_heads, p_l[0].dtype,
+                                  has_channel_axis=True)
             n_l, n_u = p_l[0].shape[0], p_u[0].shape[0]
             m_u = valid[:, None]
             # L_dis: D sees detached masks; predicted -> 0, ground truth -> 1

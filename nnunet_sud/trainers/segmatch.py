@@ -254,9 +254,9 @@ class nnUNetTrainerSegMatch(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainer
         return weak, self.strong_augmentation(weak)
 
     def discriminator_pairs(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B, C_in + C, *P): image channels and the one-hot of integer ``labels`` (B, [1,] *P)."""
+        """(B, C_in + C, *P): image channels and the one-hot of integer ``labels`` (B, *P)."""
         return torch.cat([image, labels_to_one_hot(labels, self.label_manager.num_segmentation_heads,
-                                                   image.dtype)], 1)
+                                                   image.dtype, has_channel_axis=False)], 1)
 
     def gate(self, probs_weak: torch.Tensor, valid: torch.Tensor,
              discriminator_scores: Optional[torch.Tensor]) -> torch.Tensor:
@@ -279,7 +279,7 @@ class nnUNetTrainerSegMatch(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainer
         logs = {"discriminator_score": float("nan"), "discriminator_loss": float("nan")}
         scores = None
         if self.discriminator is not None:
-            pairs = torch.cat([self.discriminator_pairs(self.labeled_step["data"], self.labeled_segmentation()),
+            pairs = torch.cat([self.discriminator_pairs(self.labeled_step["data"], self.labeled_segmentation()[:, 0]),
                                self.discriminator_pairs(x_weak, y_hat)])
             logits = self.discriminator(pairs)
             n_l = self.labeled_step["data"].shape[0]
