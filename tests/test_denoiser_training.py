@@ -75,7 +75,7 @@ def test_denoised_beats_noisy_on_held_out_validation_maps(trained):
     cfg = load_json(os.path.join(trained["preprocessed"], "nnUNetPlans.json"))["configurations"]["3d_fullres"]
     planned = cfg["architecture"]["arch_kwargs"]["features_per_stage"]
     assert res["network"]["features_per_stage"] == [round(f / 4) for f in planned[:3]]
-    assert res["schedule"]["num_epochs"] == 2 and res["schedule"]["num_iterations_per_epoch"] == 60
+    assert res["schedule"]["num_epochs"] == 2 and res["schedule"]["num_iterations_per_epoch"] == 150
 
 
 def test_val_flag_reruns_the_denoiser_validation(trained):
