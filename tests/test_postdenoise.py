@@ -1,13 +1,16 @@
 """Post-denoise (SUD's baseline [63]): the composed segmenter + denoiser network, its training set-up
 and the build-postdenoise errors (in process; the end-to-end run is in test_mean_teacher_e2e.py)."""
+import copy
 import os
 
 import numpy as np
 import pytest
 import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
 from nnunet_sud.denoiser.network import build_label_denoiser
+from nnunet_sud.denoiser.trainer import narrow_architecture
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.trainers.post_denoise import (SegmenterWithPostDenoiser, build_postdenoise_model_folder,
                                               insert_denoiser, nnUNetTrainerPostDenoise)
@@ -25,7 +28,10 @@ def _composed_with_trained_like_denoiser(synthetic3d, cfg="3d_fullres"):
     cm = pm.get_configuration(cfg)
     torch.manual_seed(0)
     composed = nnUNetTrainerPostDenoise.build_network_architecture(pm, cm, 1, 4, True)
-    denoiser = build_label_denoiser(pm, cm, 4)          # He-initialised: stands for a trained one
+    # He-initialised, with nnUNetTrainerLabelDenoiser's default (narrowed) architecture: stands for a trained one
+    conf = copy.deepcopy(cm.configuration)
+    narrow_architecture(conf["architecture"])
+    denoiser = build_label_denoiser(pm, ConfigurationManager(conf), 4)
     insert_denoiser(composed, denoiser)
     return composed, denoiser, cm
 

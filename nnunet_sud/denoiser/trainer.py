@@ -70,6 +70,35 @@ DEFAULT_SIGMA_DISTRIBUTION = "squared"
 DEFAULT_EVAL_EVERY = 5
 
 
+def narrow_architecture(arch: dict, features_scale: float = DEFAULT_FEATURES_SCALE,
+                        num_stages=DEFAULT_NUM_STAGES) -> dict:
+    """In place: a configuration's ``architecture`` dict cut to the first ``num_stages`` planned stages
+    (None: all), ``features_per_stage`` x ``features_scale`` (at least ``MIN_FEATURES``), marked as
+    adapted (``denoiser_features_scale`` / ``denoiser_num_stages``; marked dicts are left alone).
+    Kernels, strides, norm and nonlinearity stay the planned ones. Returns ``arch``."""
+    scale = float(features_scale)
+    if scale <= 0:
+        raise ValueError(f"denoiser_features_scale must be > 0, got {scale}")
+    kw = arch["arch_kwargs"]
+    if "denoiser_features_scale" in arch:  # plans written by a denoiser trainer are adapted already
+        return arch
+    planned = len(kw["features_per_stage"])
+    n = planned if num_stages is None else int(num_stages)
+    if not 2 <= n <= planned:
+        raise ValueError(f"denoiser_num_stages must be in [2, {planned}] (the planned stages) or None, got {num_stages}")
+    for k in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage"):
+        if isinstance(kw.get(k), (list, tuple)):
+            kw[k] = list(kw[k])[:n]
+    if isinstance(kw.get("n_conv_per_stage_decoder"), (list, tuple)):
+        kw["n_conv_per_stage_decoder"] = list(kw["n_conv_per_stage_decoder"])[:n - 1]
+    if "n_stages" in kw:
+        kw["n_stages"] = n
+    kw["features_per_stage"] = [max(MIN_FEATURES, int(round(f * scale))) for f in kw["features_per_stage"]]
+    arch["denoiser_features_scale"] = scale
+    arch["denoiser_num_stages"] = n
+    return arch
+
+
 def _image_only(t) -> bool:
     """True for transforms that only change the image (nnU-Net's intensity augmentation, masking)."""
     from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
@@ -147,27 +176,8 @@ class nnUNetTrainerLabelDenoiser(nnUNetTrainer):
         ``load_denoiser`` rebuild it from there). Kernels, strides, norm and nonlinearity stay the
         planned ones.
         """
-        scale = float(self.denoiser_features_scale)
-        if scale <= 0:
-            raise ValueError(f"denoiser_features_scale must be > 0, got {scale}")
         arch = self.configuration_manager.configuration["architecture"]
-        kw = arch["arch_kwargs"]
-        if "denoiser_features_scale" not in arch:  # plans written by a denoiser trainer are adapted already
-            planned = len(kw["features_per_stage"])
-            n = planned if self.denoiser_num_stages is None else int(self.denoiser_num_stages)
-            if not 2 <= n <= planned:
-                raise ValueError(f"denoiser_num_stages must be in [2, {planned}] (the planned stages) or None, "
-                                 f"got {self.denoiser_num_stages}")
-            for k in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage"):
-                if isinstance(kw.get(k), (list, tuple)):
-                    kw[k] = list(kw[k])[:n]
-            if isinstance(kw.get("n_conv_per_stage_decoder"), (list, tuple)):
-                kw["n_conv_per_stage_decoder"] = list(kw["n_conv_per_stage_decoder"])[:n - 1]
-            if "n_stages" in kw:
-                kw["n_stages"] = n
-            kw["features_per_stage"] = [max(MIN_FEATURES, int(round(f * scale))) for f in kw["features_per_stage"]]
-            arch["denoiser_features_scale"] = scale
-            arch["denoiser_num_stages"] = n
+        narrow_architecture(arch, self.denoiser_features_scale, self.denoiser_num_stages)
         self.plans_manager.plans["configurations"][self.configuration_name]["architecture"] = copy.deepcopy(arch)
 
     def _set_batch_size_and_oversample(self):

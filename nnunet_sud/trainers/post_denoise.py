@@ -132,10 +132,16 @@ class nnUNetTrainerPostDenoise(nnUNetTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        """nnU-Net's planned segmenter + the planned (skip-free) label denoiser of the same configuration."""
+        """nnU-Net's planned segmenter + the label denoiser of the same configuration, narrowed as
+        ``nnUNetTrainerLabelDenoiser`` narrows it by default (``narrow_architecture``)."""
+        import copy
+        from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+        from nnunet_sud.denoiser.trainer import narrow_architecture
         segmenter = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                              num_output_channels, enable_deep_supervision)
-        denoiser = build_label_denoiser(plans_manager, configuration_manager, num_output_channels,
+        denoiser_configuration = copy.deepcopy(configuration_manager.configuration)
+        narrow_architecture(denoiser_configuration["architecture"])
+        denoiser = build_label_denoiser(plans_manager, ConfigurationManager(denoiser_configuration), num_output_channels,
                                         deep_supervision=False, allow_init=False)
         return SegmenterWithPostDenoiser(segmenter, denoiser)
 
