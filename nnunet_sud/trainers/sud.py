@@ -247,6 +247,7 @@ class nnUNetTrainerSUDMeanTeacher(DenoisedTargetsMixin, nnUNetTrainerMeanTeacher
             f_t = torch.softmax(self.teacher_logits(batch_u["data"]).float(), 1)
             a_t = self.denoise(f_t) if self.beta > 0 else None
             z = self.spatial_denoise(f_t, a_t)
-            self.record_target_quality(batch_u, student=torch.softmax(full_resolution(outputs).float(), 1),
-                                       teacher=f_t, denoised=a_t, target=z)
+            if self.unlabeled_cases_with_labels:  # the student's softmax only when it will be scored
+                self.record_target_quality(batch_u, student=torch.softmax(full_resolution(outputs).float(), 1),
+                                           teacher=f_t, denoised=a_t, target=z)
         return self.soft_target_loss(outputs, z, batch_u["valid"]), {}
