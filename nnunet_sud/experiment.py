@@ -46,6 +46,9 @@ def schedule_variants_source(budgets: Dict[str, Tuple[int, int]], val_iters: int
 
     ``skip_final_validation`` replaces nnU-Net's final validation (prediction of the validation
     cases after training) by a log line: for fold ``all`` it would only predict training cases.
+
+    ``checkpoint_latest.pth`` is written every tenth of the budget (nnU-Net: every 50 epochs, so a
+    20-epoch run stopped at epoch 19 would resume from scratch with ``--c``).
     """
     lines = [f'"""Training budgets{(" of " + purpose) if purpose else ""}: a user\'s own trainer variants '
              '(written by nnunet_sud.experiment)."""',
@@ -58,7 +61,8 @@ def schedule_variants_source(budgets: Dict[str, Tuple[int, int]], val_iters: int
                   "        super().__init__(plans, configuration, fold, dataset_json, device)",
                   f"        self.num_epochs = {int(epochs)}",
                   f"        self.num_iterations_per_epoch = {int(iters)}",
-                  f"        self.num_val_iterations_per_epoch = {int(val_iters)}", ""]
+                  f"        self.num_val_iterations_per_epoch = {int(val_iters)}",
+                  f"        self.save_every = {max(1, min(50, int(epochs) // 10))}", ""]
         if skip_final_validation:
             lines += ["    def perform_actual_validation(self, save_probabilities: bool = False):",
                       "        self.print_to_log_file('final validation skipped (budget variant): the test set is "

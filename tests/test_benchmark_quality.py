@@ -102,3 +102,33 @@ def test_bad_source_folder_and_test_count_are_named(tmp_path):
         bench.Source("acdc", str(tmp_path / "LA_lite"), "2d", la_test=3)
     with pytest.raises(SystemExit):
         bench.parse_args(["--work", str(tmp_path)])  # neither --la nor --acdc
+
+
+def test_budget_variants_set_the_budget_and_checkpoint_often_enough_to_resume(tmp_path, monkeypatch):
+    """The generated variants are nnU-Net trainer subclasses that set the budget after nnU-Net's
+    __init__, and write checkpoint_latest every tenth of the budget (nnU-Net's every 50 epochs
+    would make a stopped 20-epoch benchmark restart from scratch with --c)."""
+    import sys
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_sud.experiment import schedule_variants_source
+    from nnunet_sud.trainers.sud import nnUNetTrainerSUD
+    for suffix, epochs in (("_bx", 20), ("_by", 3), ("_bz", 1000)):
+        src = schedule_variants_source({"nnUNetTrainer": (epochs, 7), "nnUNetTrainerSUD": (epochs, 7)}, 5, suffix,
+                                       skip_final_validation=True)
+        (tmp_path / f"v{suffix}.py").write_text(src)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        mods = {s: importlib.import_module(f"v{s}") for s in ("_bx", "_by", "_bz")}
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert issubclass(mods["_bx"].nnUNetTrainerSUD_bx, nnUNetTrainerSUD)
+
+    # nnU-Net's own __init__ (plans, folders) is not what is tested here; it sets save_every = 50
+    def plain_init(self, *args, **kwargs):
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1000, 250, 50
+        self.save_every = 50
+    monkeypatch.setattr(nnUNetTrainer, "__init__", plain_init)
+    budget = {s: getattr(m, "nnUNetTrainer" + s)(None, "2d", "all", None) for s, m in mods.items()}
+    got = {s: (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch, t.save_every)
+           for s, t in budget.items()}
+    assert got == {"_bx": (20, 7, 5, 2), "_by": (3, 7, 5, 1), "_bz": (1000, 7, 5, 50)}
