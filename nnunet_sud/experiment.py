@@ -40,12 +40,21 @@ def check_trainers(trainers: Iterable[str], option: str = "--trainers") -> None:
             raise UserFacingError(f"{option}: unknown trainer {t}; available: {', '.join(sorted(known))}")
 
 
+def _final_validation_is_quality_record(trainer: str) -> bool:
+    from nnunet_sud import trainers
+    from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
+    cls = getattr(trainers, trainer, None)
+    return isinstance(cls, type) and issubclass(cls, nnUNetTrainerLabelDenoiser)
+
+
 def schedule_variants_source(budgets: Dict[str, Tuple[int, int]], val_iters: int, suffix: str,
                              skip_final_validation: bool = False, purpose: str = "") -> str:
     """Source of a module defining ``<trainer><suffix>`` for each ``trainer: (epochs, iterations)``.
 
     ``skip_final_validation`` replaces nnU-Net's final validation (prediction of the validation
     cases after training) by a log line: for fold ``all`` it would only predict training cases.
+    A label-map denoiser keeps its own: it is the clean/noisy quality record
+    (``denoiser_validation.json``) that trainers using the denoiser check when they load it.
 
     ``checkpoint_latest.pth`` is written every tenth of the budget (nnU-Net: every 50 epochs, so a
     20-epoch run stopped at epoch 19 would resume from scratch with ``--c``).
@@ -63,7 +72,7 @@ def schedule_variants_source(budgets: Dict[str, Tuple[int, int]], val_iters: int
                   f"        self.num_iterations_per_epoch = {int(iters)}",
                   f"        self.num_val_iterations_per_epoch = {int(val_iters)}",
                   f"        self.save_every = {max(1, min(50, int(epochs) // 10))}", ""]
-        if skip_final_validation:
+        if skip_final_validation and not _final_validation_is_quality_record(t):
             lines += ["    def perform_actual_validation(self, save_probabilities: bool = False):",
                       "        self.print_to_log_file('final validation skipped (budget variant): the test set is "
                       "predicted separately')", ""]

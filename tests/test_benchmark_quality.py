@@ -113,7 +113,8 @@ def test_budget_variants_set_the_budget_and_checkpoint_often_enough_to_resume(tm
     from nnunet_sud.experiment import schedule_variants_source
     from nnunet_sud.trainers.sud import nnUNetTrainerSUD
     for suffix, epochs in (("_bx", 20), ("_by", 3), ("_bz", 1000)):
-        src = schedule_variants_source({"nnUNetTrainer": (epochs, 7), "nnUNetTrainerSUD": (epochs, 7)}, 5, suffix,
+        src = schedule_variants_source({"nnUNetTrainer": (epochs, 7), "nnUNetTrainerSUD": (epochs, 7),
+                                        "nnUNetTrainerLabelDenoiser": (epochs, 7)}, 5, suffix,
                                        skip_final_validation=True)
         (tmp_path / f"v{suffix}.py").write_text(src)
     sys.path.insert(0, str(tmp_path))
@@ -122,6 +123,13 @@ def test_budget_variants_set_the_budget_and_checkpoint_often_enough_to_resume(tm
     finally:
         sys.path.remove(str(tmp_path))
     assert issubclass(mods["_bx"].nnUNetTrainerSUD_bx, nnUNetTrainerSUD)
+    # the segmenters skip nnU-Net's final validation (it would predict fold all's training cases);
+    # the denoiser keeps its own: the quality record that SUD checks when it loads the denoiser
+    from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
+    m = mods["_bx"]
+    assert m.nnUNetTrainerSUD_bx.perform_actual_validation is not nnUNetTrainerSUD.perform_actual_validation
+    assert (m.nnUNetTrainerLabelDenoiser_bx.perform_actual_validation
+            is nnUNetTrainerLabelDenoiser.perform_actual_validation)
 
     # nnU-Net's own __init__ (plans, folders) is not what is tested here; it sets save_every = 50
     def plain_init(self, *args, **kwargs):
