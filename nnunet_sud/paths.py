@@ -1,6 +1,6 @@
 """Where nnU-Net finds our trainers.
 
-``nnUNet_extTrainer`` (nnunetv2 >= 2.6) lists folders, separated by os.pathsep, that
+``nnUNet_extTrainer`` (nnunetv2 >= 2.8) lists folders, separated by os.pathsep, that
 ``nnUNetv2_train`` and ``nnUNetv2_predict`` search for trainer classes after nnU-Net's own.
 nnU-Net imports every module of those folders as a top-level module and removes it from
 ``sys.modules`` afterwards, so classes *defined* there cannot be pickled. Our folder therefore
