@@ -70,11 +70,10 @@ class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
         return load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
                              self.configuration_name, self.fold, self.device)
 
-    def on_train_start(self):
-        self.check_unlabeled_data()      # both checks before the network and the loaders are built
+    def prepare_method(self):
+        super().prepare_method()
         self.denoiser = self.load_denoiser()
         self.print_to_log_file(f"Label denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
-        super().on_train_start()
 
     # ------------------------------------------------------------------ the terms
     def uncertainty(self, p_t: torch.Tensor, p_hat: torch.Tensor) -> torch.Tensor:

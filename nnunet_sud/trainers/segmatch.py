@@ -62,6 +62,7 @@ from nnunet_sud.losses.pseudo_labels import (confidence_map_gate, gated_cross_en
 from nnunet_sud.schedules import Constant
 from nnunet_sud.trainers.adversarial import ConvDiscriminator, DiscriminatorMixin, LabeledBatchMixin, plan_strides
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
+from nnunet_sud.trainers.settings import DerivedDefault
 from nnunet_sud.trainers.teacher import full_resolution
 
 
@@ -216,6 +217,8 @@ class nnUNetTrainerSegMatch(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainer
     tau: float = 0.5
     #: lambda_u, weight of L_u (constant)
     lambda_u: float = 1.0
+    #: the weight schedule: Constant(lambda_u), read when used (a variant may change lambda_u late)
+    unlabeled_weight = DerivedDefault(lambda t: Constant(t.lambda_u))
     #: discriminator: channels of its strided convs, LeakyReLU slope; optimiser in DiscriminatorMixin
     discriminator_features: Tuple[int, ...] = (32, 64, 128)
     discriminator_negative_slope: float = 0.2
@@ -227,13 +230,17 @@ class nnUNetTrainerSegMatch(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainer
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.gating not in self.GATES:
-            raise UserFacingError(f"{type(self).__name__}.gating must be one of {self.GATES}, got {self.gating!r}")
+        self.check_settings()
         if self.label_manager.has_regions:
             raise UserFacingError(f"{type(self).__name__} needs mutually exclusive classes (argmax pseudo-labels), "
                                   f"but this dataset.json defines region-based labels. Use plain integer labels.")
-        self.unlabeled_weight = Constant(self.lambda_u)
+        self.unlabeled_weight = None  # Constant(lambda_u)
         self.strong_augmentation = StrongIntensityAugmentation()
+
+    def check_settings(self):
+        super().check_settings()
+        if self.gating not in self.GATES:
+            raise UserFacingError(f"{type(self).__name__}.gating must be one of {self.GATES}, got {self.gating!r}")
 
     # ------------------------------------------------------------------ pieces
     def needs_discriminator(self) -> bool:

@@ -123,8 +123,20 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         return min(it / float(self.num_epochs * self.num_iterations_per_epoch), 1.0)
 
     # ------------------------------------------------------------------ data
+    def check_settings(self):
+        """Raise UserFacingError for an invalid setting. Runs in ``on_train_start`` before anything is
+        built (and may run in ``__init__`` too): a variant may change settings after
+        ``super().__init__()``, so a check in ``__init__`` alone would miss them. Subclasses extend it."""
+
+    def prepare_method(self):
+        """Load what the method needs besides the data (e.g. a trained denoiser), before the network
+        and the loaders are built, so that a missing piece stops training at once. Subclasses extend it."""
+
     def on_train_start(self):
-        self.check_unlabeled_data()  # before the network and the loaders are built
+        # settings, unlabeled data, the method's own pieces: each checked once, before anything is built
+        self.check_settings()
+        self.check_unlabeled_data()
+        self.prepare_method()
         super().on_train_start()
 
     def get_dataloaders(self):

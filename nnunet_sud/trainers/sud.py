@@ -38,10 +38,12 @@ import torch
 from torch import distributed as dist
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
+from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.soft_targets import downsample_targets, soft_dice_loss, soft_kl_loss
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.targets.store import SoftTargetStore
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
+from nnunet_sud.trainers.settings import DerivedDefault
 from nnunet_sud.trainers.teacher import full_resolution, nnUNetTrainerMeanTeacherBase
 
 STORE_DIR = "soft_targets"
@@ -53,20 +55,30 @@ class DenoisedTargetsMixin:
 
     #: lambda_max of the linear ramp of the unlabeled weight lambda
     lambda_max: float = 4.0
-    #: beta, the spatial (denoiser) weight; None means 0.2 / lambda_max as in the paper
-    beta: Optional[float] = None
+    #: beta, the spatial (denoiser) weight; default 0.2 / lambda_max as in the paper (read when used,
+    #: so a variant that changes lambda_max after __init__ gets the paper's beta for it)
+    beta = DerivedDefault(lambda t: 0.2 / t.lambda_max)
+    #: lambda(t) = lambda_max t (read when used; assign a Schedule to replace it)
+    unlabeled_weight = DerivedDefault(lambda t: LinearRamp(0.0, t.lambda_max))
     #: add KL(z || f) to the soft Dice (the paper's kidney task)
     use_kl: bool = False
     #: D's form: "squared" (eq. 15, best f = z) or "plain" (nnU-Net's sums, best f = thresholded z)
     dice_form: str = "squared"
 
     def _configure_denoised_targets(self):
-        if self.beta is None:
-            self.beta = 0.2 / self.lambda_max
-        self.unlabeled_weight = LinearRamp(0.0, self.lambda_max)
+        self.unlabeled_weight = None  # the base's 0 -> 1 ramp gives way to 0 -> lambda_max
         self.denoiser = None
         #: seconds spent per component (read by benchmarks/sud_speed.py)
         self.component_times = defaultdict(float)
+
+    def check_settings(self):
+        super().check_settings()
+        name = type(self).__name__
+        if self.dice_form not in ("squared", "plain"):
+            raise UserFacingError(f"{name}.dice_form must be 'squared' (eq. 15) or 'plain', got {self.dice_form!r}")
+        if not 0.0 <= float(self.beta) <= 1.0:
+            raise UserFacingError(f"{name}.beta (the denoiser's share of the target) must be in [0, 1], got "
+                                  f"{self.beta}")
 
     def needs_denoiser(self) -> bool:
         return self.beta > 0
@@ -74,7 +86,6 @@ class DenoisedTargetsMixin:
     def load_target_denoiser(self):
         """Check labels and load the trained denoiser (clear error, before any training)."""
         if self.label_manager.has_regions:
-            from nnunet_sud.errors import UserFacingError
             raise UserFacingError(f"{type(self).__name__} needs plain integer labels (softmax outputs); the dataset "
                                   f"uses regions")
         if self.needs_denoiser() and self.denoiser is None:
@@ -138,14 +149,13 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
         self._store_snapshot = None
 
     # ------------------------------------------------------------------ set-up
-    def on_train_start(self):
-        self.check_unlabeled_data()
+    def prepare_method(self):
+        super().prepare_method()
         self.load_target_denoiser()
         if not self._store_restored and self.local_rank == 0:
             self.store.clear()  # a fresh training starts without targets
         if self.is_ddp:
             dist.barrier()
-        super().on_train_start()
 
     # ------------------------------------------------------------------ the method
     @torch.no_grad()
@@ -236,10 +246,9 @@ class nnUNetTrainerSUDMeanTeacher(DenoisedTargetsMixin, nnUNetTrainerMeanTeacher
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._configure_denoised_targets()
 
-    def on_train_start(self):
-        self.check_unlabeled_data()
+    def prepare_method(self):
+        super().prepare_method()
         self.load_target_denoiser()
-        super().on_train_start()
 
     def unlabeled_loss(self, batch_u: dict):
         outputs = self.network(batch_u["data"])

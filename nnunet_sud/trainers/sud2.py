@@ -146,6 +146,10 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.check_settings()
+
+    def check_settings(self):
+        super().check_settings()
         if self.decorrelate not in ("segmenter", "denoiser"):
             raise UserFacingError(f"{type(self).__name__}.decorrelate must be 'segmenter' or 'denoiser', got "
                                   f"{self.decorrelate!r}")
