@@ -118,11 +118,13 @@ def test_consistency_weight_and_threshold_ramps(synthetic3d):
         assert (tr.ema_decay, tr.ema_warmup, tr.teacher_noise_std, tr.teacher_noise_clip) == (0.99, True, 0.1, 0.2)
     uamt = make_trainer(nnUNetTrainerUAMT, synthetic3d)
     assert uamt.mc_passes == 8
-    ln4 = math.log(4)  # background + 3 labels
+    ln2 = math.log(2)  # the reference's scale, whatever C is (here background + 3 labels)
     assert [uamt.uncertainty_threshold(t) for t in ts] == pytest.approx(
-        [(0.75 + 0.25 * math.exp(-5 * (1 - t) ** 2)) * ln4 for t in ts])
-    assert uamt.uncertainty_threshold(0.0) == pytest.approx(0.7517 * ln4, abs=1e-4)
-    assert uamt.uncertainty_threshold(1.0) == pytest.approx(ln4)
+        [(0.75 + 0.25 * math.exp(-5 * (1 - t) ** 2)) * ln2 for t in ts])
+    assert uamt.uncertainty_threshold(0.0) == pytest.approx(0.7517 * ln2, abs=1e-4)
+    assert uamt.uncertainty_threshold(1.0) == pytest.approx(ln2)
+    from nnunet_sud.trainers import nnUNetTrainerUAMT_lnC
+    assert make_trainer(nnUNetTrainerUAMT_lnC, synthetic3d).uncertainty_threshold(1.0) == pytest.approx(math.log(4))
     assert make_trainer(nnUNetTrainerDAEUncertainty, synthetic3d).kappa == 1.0
     assert make_trainer(nnUNetTrainerDAEUncertainty_kappa5, synthetic3d).kappa == 5.0
     assert make_trainer(nnUNetTrainerDAEUncertainty_lambda0p5, synthetic3d).unlabeled_weight(1.0) == pytest.approx(0.5)
@@ -164,7 +166,8 @@ def test_mean_teacher_in_process_teacher_lifecycle_and_extra_state(synthetic3d):
         assert k == k2 and torch.equal(v, v2)
 
     torch.manual_seed(1)
-    batch_u = {"data": torch.randn(2, 1, *tr.configuration_manager.patch_size)}
+    patch = tr.configuration_manager.patch_size
+    batch_u = {"data": torch.randn(2, 1, *patch), "valid": torch.ones(2, *patch, dtype=torch.bool)}
     loss, logs = tr.unlabeled_loss(batch_u)
     assert loss.ndim == 0 and torch.isfinite(loss) and float(loss.detach()) > 0
     loss.backward()
@@ -282,7 +285,7 @@ def test_dae_weights_are_exp_of_minus_kappa_u_and_loss_is_their_weighted_mean(sy
     tr = make_trainer(nnUNetTrainerDAEUncertainty, synthetic3d)
     p_s, p_t, p_hat = _dae_case()
     u_hand = [0.0, 0.3 ** 2 * 2, 0.9 ** 2 * 2]                   # ||p_hat - p_t||^2 = 0, 0.18, 1.62
-    d_hand = [0.3 ** 2 * 2, 0.2 ** 2 * 2, 0.7 ** 2 * 2]          # ||p_s - p_t||^2
+    d_hand = [0.3 ** 2, 0.2 ** 2, 0.7 ** 2]                      # ||p_s - p_t||^2 / C (class mean, as MT)
     for kappa in (1.0, 5.0):
         tr.kappa = kappa
         p_s_var = p_s.clone().requires_grad_(True)
@@ -299,10 +302,71 @@ def test_dae_weights_are_exp_of_minus_kappa_u_and_loss_is_their_weighted_mean(sy
         assert ratio[2] / ratio[0] == pytest.approx(w_hand[2] / w_hand[0], rel=1e-5)
 
 
+def test_dae_consistency_has_mean_teachers_weight_and_the_class_sum_is_a_variant(synthetic3d):
+    """Equal lambda, equal weight (seed 001 compares at equal lambda): with U = 0 (weights 1) DAE-MT's
+    consistency is MT's; the paper's sum over classes is C times it."""
+    from nnunet_sud.trainers import (nnUNetTrainerDAEUncertainty, nnUNetTrainerDAEUncertainty_classSum,
+                                     nnUNetTrainerMeanTeacher)
+    g = torch.Generator().manual_seed(3)
+    p_s = torch.softmax(torch.randn(2, 4, 3, 3, 3, generator=g), 1)
+    p_t = torch.softmax(torch.randn(2, 4, 3, 3, 3, generator=g), 1)
+    mt = float(make_trainer(nnUNetTrainerMeanTeacher, synthetic3d).consistency_loss(p_s, p_t))
+    dae = float(make_trainer(nnUNetTrainerDAEUncertainty, synthetic3d).consistency_loss(p_s, p_t, p_t, 0.5)[0])
+    dae_sum = float(make_trainer(nnUNetTrainerDAEUncertainty_classSum, synthetic3d).consistency_loss(
+        p_s, p_t, p_t, 0.5)[0])
+    assert dae == pytest.approx(mt, rel=1e-6) and dae_sum == pytest.approx(4 * mt, rel=1e-6)
+
+
+def test_uamt_threshold_scale_is_ln2_so_a_50_50_voxel_is_unreliable(synthetic3d):
+    """With C = 4, ln C scaling starts the threshold at 1.04 nats: a voxel split 50/50 between two
+    classes (entropy ln 2 = 0.69) would count as reliable. The reference's ln 2 masks it."""
+    from nnunet_sud.trainers import nnUNetTrainerUAMT, nnUNetTrainerUAMT_lnC
+    p_k = torch.zeros(8, 1, 4, 1, 1, 2)
+    p_k[:, 0, 1, 0, 0, 0] = 1.0                                   # voxel 0: every pass says class 1
+    p_k[0::2, 0, 1, 0, 0, 1] = 1.0                                # voxel 1: half the passes class 1,
+    p_k[1::2, 0, 3, 0, 0, 1] = 1.0                                # half class 3: mean 50/50, entropy ln 2
+    p = torch.full((1, 4, 1, 1, 2), 0.25)
+    for t in (0.0, 0.5, 0.9):  # (at t = 1, H = ln 2 itself: the boundary)
+        _, u, mask, _ = make_trainer(nnUNetTrainerUAMT, synthetic3d).consistency_loss(p, p, p_k, t)
+        assert float(u[0, 0, 0, 1]) == pytest.approx(math.log(2), abs=1e-5)
+        assert mask.flatten().tolist() == [1.0, 0.0]
+    _, _, mask, _ = make_trainer(nnUNetTrainerUAMT_lnC, synthetic3d).consistency_loss(p, p, p_k, 0.0)
+    assert mask.flatten().tolist() == [1.0, 1.0]
+
+
+def test_padded_voxels_never_count_in_the_mean_teacher_family(synthetic3d):
+    """Voxels outside the image (batch_u['valid'] False) neither add to a consistency loss nor to its
+    normaliser: the loss equals the loss of the image voxels alone, whatever the padding holds."""
+    from nnunet_sud.trainers import nnUNetTrainerDAEUncertainty, nnUNetTrainerMeanTeacher, nnUNetTrainerUAMT
+    g = torch.Generator().manual_seed(5)
+    p_s = torch.softmax(torch.randn(1, 4, 1, 2, 3, generator=g), 1)
+    p_t = torch.softmax(torch.randn(1, 4, 1, 2, 3, generator=g), 1)
+    valid = torch.tensor([[[[True, True, False], [True, False, False]]]])    # (B, *patch): 3 image voxels
+    garbage = p_s.clone()
+    garbage[..., ~valid[0]] = torch.tensor([1.0, 0.0, 0.0, 0.0])[:, None]
+    image = lambda p: p[..., valid[0]][..., None, None, :]                  # noqa: E731  (..., 1, 1, 3)
+    mt = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    hand = float(((p_s - p_t) ** 2).mean(1)[valid].mean())
+    assert float(mt.consistency_loss(p_s, p_t, valid)) == pytest.approx(hand)
+    assert float(mt.consistency_loss(garbage, p_t, valid)) == pytest.approx(hand)
+    p_k = p_t.expand(8, *p_t.shape)                                          # agreeing passes: U = H(p_t)
+    uamt = make_trainer(nnUNetTrainerUAMT, synthetic3d)
+    ref = uamt.consistency_loss(image(p_s), image(p_t), image(p_k), 1.0)
+    for x in (p_s, garbage):
+        loss, _, mask, _ = uamt.consistency_loss(x, p_t, p_k, 1.0, valid)
+        assert float(loss) == pytest.approx(float(ref[0])) and float(mask[~valid].sum()) == 0.0
+    dae = make_trainer(nnUNetTrainerDAEUncertainty, synthetic3d)
+    p_hat = torch.softmax(torch.randn(1, 4, 1, 2, 3, generator=g), 1)
+    ref = dae.consistency_loss(image(p_s), image(p_t), image(p_hat), 0.5)
+    for x in (p_s, garbage):
+        loss, _, w = dae.consistency_loss(x, p_t, p_hat, 0.5, valid)
+        assert float(loss) == pytest.approx(float(ref[0])) and float(w[~valid].sum()) == 0.0
+
+
 def test_dae_threshold_variant_ignores_uncertain_voxels(synthetic3d):
     from nnunet_sud.trainers import nnUNetTrainerDAEUncertainty_threshold
     tr = make_trainer(nnUNetTrainerDAEUncertainty_threshold, synthetic3d)
-    p_s, p_t, p_hat = _dae_case()                                  # U = 0, 0.18, 1.62; H(t) >= 0.75 ln 4 = 1.04
+    p_s, p_t, p_hat = _dae_case()                                  # U = 0, 0.18, 1.62; H(0) = 0.7517 * 2
     loss, u, w = tr.consistency_loss(p_s, p_t, p_hat, 0.0)
     assert w.flatten().tolist() == [1.0, 1.0, 0.0]
     changed = p_s.clone()
@@ -310,7 +374,14 @@ def test_dae_threshold_variant_ignores_uncertain_voxels(synthetic3d):
     assert float(tr.consistency_loss(changed, p_t, p_hat, 0.0)[0]) == float(loss)
     changed[0, :, 0, 0, 1] = torch.tensor([0.0, 1.0])              # a reliable voxel: the loss moves
     assert float(tr.consistency_loss(changed, p_t, p_hat, 0.0)[0]) != pytest.approx(float(loss))
-    assert float(loss) == pytest.approx((0.18 + 0.08) / 2)
+    assert float(loss) == pytest.approx((0.09 + 0.04) / 2)
+    # the threshold is on U's own range [0, 2]: U = 1.28 (teacher 0.9/0.1, DAE 0.1/0.9) is kept at the
+    # start (H(0) = 1.503; ln 4 scaling would have put it at 1.04 and masked it) and at the end (H(1) = 2)
+    p_t2 = torch.tensor([0.9, 0.1]).view(1, 2, 1, 1, 1)
+    p_hat2 = torch.tensor([0.1, 0.9]).view(1, 2, 1, 1, 1)
+    for t in (0.0, 1.0):
+        _, u2, w2 = tr.consistency_loss(p_t2, p_t2, p_hat2, t)
+        assert float(u2) == pytest.approx(1.28) and float(w2) == 1.0
 
 
 def test_dae_entropy_variant_uses_the_entropy_of_teacher_and_reconstruction(synthetic3d):

@@ -122,6 +122,12 @@ def threshold_mask(uncertainty: torch.Tensor, threshold: float) -> torch.Tensor:
     return (uncertainty < threshold).float()
 
 
+def masked_mean(x: torch.Tensor, where: torch.Tensor) -> float:
+    """Mean of ``x`` (B, *spatial) over the voxels where ``where`` (B, *spatial, bool) is True; 0 if none."""
+    n = int(where.sum())
+    return float(x.float()[where].sum() / n) if n else 0.0
+
+
 def max_entropy(num_classes: int) -> float:
     """ln C, the entropy of the uniform distribution over C classes."""
     return math.log(num_classes)

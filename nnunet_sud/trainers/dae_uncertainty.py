@@ -11,11 +11,14 @@ off a pre-trained denoising auto-encoder of label maps, with a single DAE infere
     p_t   = softmax f(x_u + xi; theta_t)                  EMA teacher on the noisy patch
     p_hat = DAE(p_t)                                      plausible segmentation (one inference)
     U_v   = ||p_hat_v - p_t_v||^2                         (sum over classes), in [0, 2]
-    w_v   = exp(-kappa U_v),  kappa = 1
-    L_c   = sum_v w_v ||p_s,v - p_t,v||^2 / sum_v w_v
+    w_v   = exp(-kappa U_v) [v not padding],  kappa = 1
+    L_c   = sum_v w_v mean_c (p_s,v,c - p_t,v,c)^2 / sum_v w_v
     L     = L_sup + lambda_c(t) L_c,  lambda_c(t) = 0.1 exp(-5 (1 - t)^2)
 
-with xi ~ clip(N(0, 0.1^2), -0.2, 0.2) and EMA decay 0.99 as in its UA-MT code base. The DAE is
+with xi ~ clip(N(0, 0.1^2), -0.2, 0.2) and EMA decay 0.99 as in its UA-MT code base. The
+consistency distance is averaged over classes, as mean teacher's and UA-MT's here: the paper keeps
+lambda the same for every method "for a fair comparison", and the sum over classes (its
+||.||^2, ``_classSum``) would give DAE-MT C times their weight (2x on LA, 4x on ACDC). The DAE is
 this package's label denoiser (``nnUNetTrainerLabelDenoiser``: skip-free auto-encoder planned from
 the same plans; the paper's DAE is a skip-free V-net with a dense bottleneck, trained with its
 own label corruptions). It is applied to the teacher softmax via
@@ -26,26 +29,32 @@ softmax), loaded once at the start of training with ``load_denoiser`` (the defau
 ``self.network``: checkpoints and ``nnUNetv2_predict`` contain and use the student only.
 
 Ablations (small subclasses below):
-    Table 3  ``_threshold``  binary mask w_v = [U_v < H(t)] with UA-MT's threshold ramp
-                             H(t) = (0.75 + 0.25 exp(-5 (1 - t)^2)) ln C (our choice: the paper
+    Table 3  ``_threshold``  binary mask w_v = [U_v < H(t)] with UA-MT's threshold ramp scaled to
+                             U's range: H(t) = (0.75 + 0.25 exp(-5 (1 - t)^2)) U_max, U_max = 2
+                             (UA-MT's ln 2 is the largest entropy of its two classes; the paper
                              says only "threshold strategy ... from UAMT")
              ``_entropy``    U_v = entropy of the mean of {p_t, p_hat} (UA-MT's entropy of the
                              mean prediction, with the teacher and its DAE reconstruction as the
                              set of predictions; our reading of "entropy scheme"), w_v = exp(-kappa U_v)
+             ``_classSum``   ||p_s - p_t||^2 summed over classes (C times the default's weight)
     Table 4  ``_kappa{0p1,0p5,2,5}``   kappa in {0.1, 0.5, 2, 5} (lambda_max = 0.1)
              ``_lambda{0p01,0p05,0p5,1}`` lambda_max in {0.01, 0.05, 0.5, 1} (kappa = 1)
 Deep supervision: full-resolution outputs only (see ``teacher.py``).
 """
-import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
-from nnunet_sud.losses.consistency import dae_uncertainty, entropy, exp_reliability, threshold_mask, weighted_consistency
+from nnunet_sud.losses.consistency import (dae_uncertainty, entropy, exp_reliability, masked_mean, threshold_mask,
+                                           weighted_consistency)
 from nnunet_sud.schedules import GaussianRampUp
 from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
 from nnunet_sud.schedules import GaussianRampBetween
+
+
+#: the largest DAE uncertainty ||p_hat - p_t||^2 of two probability vectors (two different one-hots)
+DAE_UNCERTAINTY_MAX = 2.0
 
 
 class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
@@ -59,8 +68,8 @@ class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
         self.require_exclusive_classes()
         #: kappa, the uncertainty weighting factor of w = exp(-kappa U)
         self.kappa = 1.0
-        #: ||.||^2 of the paper: sum over classes
-        self.consistency_class_reduction = "sum"
+        #: "mean" over classes as MT and UA-MT (equal lambda, equal weight); "sum": the paper's ||.||^2
+        self.consistency_class_reduction = "mean"
         self.denoiser = None
 
     # ------------------------------------------------------------------ the denoiser
@@ -84,19 +93,23 @@ class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
         """w = exp(-kappa U): (B, *patch) -> (B, *patch) in (0, 1]."""
         return exp_reliability(u, self.kappa)
 
-    def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor, p_hat: torch.Tensor, t: float):
-        """L_c = sum_v w_v ||p_s,v - p_t,v||^2 / sum_v w_v.
+    def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor, p_hat: torch.Tensor, t: float,
+                         valid: Optional[torch.Tensor] = None):
+        """L_c = sum_v w_v d(p_s,v, p_t,v) / sum_v w_v, d the squared distance (class mean or sum).
 
         Args:
             p_s: (B, C, *patch) student softmax (with gradient).
             p_t: (B, C, *patch) teacher softmax.
             p_hat: (B, C, *patch) denoised teacher softmax DAE(p_t).
             t: training progress in [0, 1].
+            valid: (B, *patch) bool, False on padding (None: every voxel is image).
         Returns:
             (L_c scalar, U (B, *patch), w (B, *patch)).
         """
         u = self.uncertainty(p_t, p_hat)
         w = self.reliability(u, t)
+        if valid is not None:
+            w = w * valid.to(w.device, w.dtype)
         return weighted_consistency(p_s, p_t, w, self.consistency_class_reduction), u, w
 
     # ------------------------------------------------------------------ the step
@@ -105,21 +118,32 @@ class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
         p_s = self.probabilities(self.student_logits(x))                 # f(x; theta_s)
         p_t = self.probabilities(self.teacher_logits(self.perturb(x)))   # f(x + xi; theta_t)
         p_hat = apply_denoiser(self.denoiser, p_t)                       # DAE(p_t), one inference
-        loss, u, w = self.consistency_loss(p_s, p_t, p_hat, self.training_progress())
+        valid = batch_u["valid"]
+        loss, u, w = self.consistency_loss(p_s, p_t, p_hat, self.training_progress(), valid)
         self.record_target_quality(batch_u, student=p_s, teacher=p_t, denoised=p_hat)
-        return loss, {"uncertainty_mean": float(u.mean()), "reliability_mean": float(w.mean())}
+        image = valid.to(u.device)
+        return loss, {"uncertainty_mean": masked_mean(u, image), "reliability_mean": masked_mean(w, image)}
 
 
 # ---------------------------------------------------------------------- Table 3 ablations
 class nnUNetTrainerDAEUncertainty_threshold(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 3 "Ours (threshold)": w_v = [U_v < H(t)], H(t) = (0.75 + 0.25 exp(-5(1-t)^2)) ln C."""
+    """Seed 001 Table 3 "Ours (threshold)": w_v = [U_v < H(t)], H(t) = (0.75 + 0.25 exp(-5(1-t)^2)) U_max,
+    U_max = 2 the largest ||p_hat - p_t||^2 (UA-MT's ramp on U's own range)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.threshold_fraction = GaussianRampBetween(0.75, 1.0)
 
     def reliability(self, u, t):
-        return threshold_mask(u, self.threshold_fraction(t) * math.log(self.label_manager.num_segmentation_heads))
+        return threshold_mask(u, self.threshold_fraction(t) * DAE_UNCERTAINTY_MAX)
+
+
+class nnUNetTrainerDAEUncertainty_classSum(nnUNetTrainerDAEUncertainty):
+    """The paper's ||p_s - p_t||^2 summed over classes: C times the consistency weight of MT/UA-MT."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.consistency_class_reduction = "sum"
 
 
 class nnUNetTrainerDAEUncertainty_entropy(nnUNetTrainerDAEUncertainty):

@@ -6,7 +6,7 @@ The "MT" baseline of seed 001 (Table 1) and of UA-MT (Yu et al., MICCAI 2019), i
 UA-MT's reference implementation:
 
     L = L_sup(f(x_l; theta_s), y_l) + lambda_c(t) * L_c
-    L_c = mean_{b, c, v} ( softmax f(x_u; theta_s) - softmax f(x_u + xi; theta_t) )^2
+    L_c = mean_{b, c, v in image} ( softmax f(x_u; theta_s) - softmax f(x_u + xi; theta_t) )^2
     xi ~ clip(N(0, 0.1^2), -0.2, 0.2) per voxel,   lambda_c(t) = 0.1 exp(-5 (1 - t)^2)
     theta_t <- a theta_t + (1 - a) theta_s after every optimizer step (decay 0.99, warm-up)
 
@@ -14,9 +14,10 @@ UA-MT's reference implementation:
 iterations done. The student sees the unlabeled patch as nnU-Net's augmentation delivers it; the
 teacher the same patch plus the clipped noise. The squared difference is averaged over classes
 and voxels (the reference code's element-wise MSE of the two softmaxes). Consistency is on the
-full-resolution output (see ``teacher.py``). ``nnUNetv2_predict`` uses the student.
+full-resolution output (see ``teacher.py``). Voxels of a patch that lie outside the image
+(nnU-Net's padding, ``batch_u['valid']`` False) are left out. ``nnUNetv2_predict`` uses the student.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -33,17 +34,18 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerMeanTeacherBase):
         #: 'mean' over classes as the reference code's element-wise MSE; 'sum' gives ||p_s - p_t||^2
         self.consistency_class_reduction = "mean"
 
-    def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
-        """L_c = mean over voxels of the squared softmax difference.
+    def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor, valid: Optional[torch.Tensor] = None):
+        """L_c = mean over image voxels of the squared softmax difference.
 
-        p_s: (B, C, *patch) student softmax (with gradient); p_t: (B, C, *patch) teacher softmax.
-        Returns a scalar.
+        p_s: (B, C, *patch) student softmax (with gradient); p_t: (B, C, *patch) teacher softmax;
+        valid: (B, *patch) bool, False on padding (None: all voxels). Returns a scalar.
         """
-        return weighted_consistency(p_s, p_t, None, self.consistency_class_reduction)
+        weight = None if valid is None else valid.to(p_s.device, torch.float32)
+        return weighted_consistency(p_s, p_t, weight, self.consistency_class_reduction)
 
     def unlabeled_loss(self, batch_u: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         x = batch_u["data"]                                              # (B, C_in, *patch)
         p_s = self.probabilities(self.student_logits(x))                 # f(x; theta_s)
         p_t = self.probabilities(self.teacher_logits(self.perturb(x)))   # f(x + xi; theta_t)
         self.record_target_quality(batch_u, student=p_s, teacher=p_t)
-        return self.consistency_loss(p_s, p_t), {}
+        return self.consistency_loss(p_s, p_t, batch_u["valid"]), {}

@@ -8,8 +8,8 @@ The UAMT baseline of seed 001 (Tables 1-3), as in UA-MT's reference implementati
     p_t = softmax f(x_u + xi_0; theta_t)             teacher on the noisy patch (the target)
     mu  = 1/K sum_k softmax f(x_u + xi_k; theta_t)   K = 8 further stochastic teacher passes
     U_v = - sum_c mu_v,c log(mu_v,c + 1e-6)          uncertainty: entropy of the mean prediction
-    H(t) = (0.75 + 0.25 exp(-5 (1 - t)^2)) ln C      threshold ramp (reference: ln 2, C = 2)
-    m_v = [U_v < H(t)]                               reliable voxels
+    H(t) = (0.75 + 0.25 exp(-5 (1 - t)^2)) ln 2      threshold ramp (the reference's, for any C)
+    m_v = [U_v < H(t)] [v not padding]               reliable voxels of the image
     L_c = sum_v m_v mean_c (p_s - p_t)^2 / sum_v m_v (masked MSE normalised by the mask count)
     L = L_sup + lambda_c(t) L_c,  lambda_c(t) = 0.1 exp(-5 (1 - t)^2)
 
@@ -18,7 +18,13 @@ with xi ~ clip(N(0, 0.1^2), -0.2, 0.2) drawn independently per pass, t the train
 ``teacher.py``. The reference divides by ``2 * sum(mask)`` with 2 = C: the mean over classes of
 the masked voxels, which is what ``mean_c`` above expresses for any C. Its ramp is
 ``0.75 + 0.25 * sigmoid_rampup`` where sigmoid_rampup(t) = exp(-5 (1 - t)^2), so H(0) =
-0.7517 ln C (not exactly 0.75 ln C) and H(1) = ln C.
+0.7517 ln 2 (not exactly 0.75 ln 2) and H(1) = ln 2.
+
+The threshold's scale stays ln 2 with more classes, as in the reference and its multi-class ports:
+with ln C (``_lnC`` variant, ``threshold_classes = None``) and C = 4 the threshold starts at 1.04
+nats, above the entropy of a 50/50 voxel (ln 2 = 0.69), which then counts as reliable and the
+mask hardly masks. ``mask_fraction`` (logged per epoch) is the share of image voxels kept.
+Padded voxels (outside the image, ``batch_u['valid']`` False) never count.
 
 Speed: the K passes run as one teacher forward of K * B samples (``mc_passes_per_forward = None``)
 or in chunks of that many passes per forward (less memory). That is K + 1 teacher forwards' worth
@@ -30,7 +36,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from nnunet_sud.losses.consistency import mc_entropy, threshold_mask, weighted_consistency
+from nnunet_sud.losses.consistency import masked_mean, mc_entropy, threshold_mask, weighted_consistency
 from nnunet_sud.schedules import GaussianRampBetween
 from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
 
@@ -48,14 +54,16 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
         self.mc_passes = 8
         #: passes per teacher forward (None: all K in one forward of K * B samples)
         self.mc_passes_per_forward: Optional[int] = None
-        #: H(t) / ln C
+        #: H(t) / ln(threshold_classes)
         self.threshold_fraction = GaussianRampBetween(0.75, 1.0)
+        #: the threshold's scale ln(threshold_classes): 2 as the reference (whatever C is); None: ln C
+        self.threshold_classes: Optional[int] = 2
         self.consistency_class_reduction = "mean"
 
     # ------------------------------------------------------------------ the terms
     def uncertainty_threshold(self, t: float) -> float:
-        """H(t) = threshold_fraction(t) * ln C (C = number of classes incl. background)."""
-        return self.threshold_fraction(t) * math.log(self.label_manager.num_segmentation_heads)
+        """H(t) = threshold_fraction(t) * ln 2 (``threshold_classes``; None: ln C, C = classes incl. background)."""
+        return self.threshold_fraction(t) * math.log(self.threshold_classes or self.label_manager.num_segmentation_heads)
 
     def mc_teacher_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """K stochastic teacher passes, batched.
@@ -80,7 +88,8 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
         """U = entropy of the mean of the K passes: (K, B, C, *patch) -> (B, *patch)."""
         return mc_entropy(p_k)
 
-    def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor, p_k: torch.Tensor, t: float):
+    def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor, p_k: torch.Tensor, t: float,
+                         valid: Optional[torch.Tensor] = None):
         """Masked MSE of UA-MT.
 
         Args:
@@ -88,12 +97,15 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
             p_t: (B, C, *patch) teacher softmax on the noisy patch.
             p_k: (K, B, C, *patch) softmaxes of the K stochastic teacher passes.
             t: training progress in [0, 1] (for the threshold ramp).
+            valid: (B, *patch) bool, False on padding (None: every voxel is image).
         Returns:
             (L_c scalar, U (B, *patch), mask (B, *patch) float, threshold float).
         """
         u = self.uncertainty(p_k)
         threshold = self.uncertainty_threshold(t)
         mask = threshold_mask(u, threshold)
+        if valid is not None:
+            mask = mask * valid.to(mask.device, mask.dtype)
         loss = weighted_consistency(p_s, p_t, mask, self.consistency_class_reduction)
         return loss, u, mask, threshold
 
@@ -103,7 +115,17 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
         p_s = self.probabilities(self.student_logits(x))                 # f(x; theta_s)
         p_t = self.probabilities(self.teacher_logits(self.perturb(x)))   # f(x + xi_0; theta_t)
         p_k = self.mc_teacher_probabilities(x)                           # f(x + xi_k; theta_t), k = 1..K
-        loss, u, mask, threshold = self.consistency_loss(p_s, p_t, p_k, self.training_progress())
+        valid = batch_u["valid"]
+        loss, u, mask, threshold = self.consistency_loss(p_s, p_t, p_k, self.training_progress(), valid)
         self.record_target_quality(batch_u, {"teacher_certain": mask}, student=p_s, teacher=p_t, teacher_certain=p_t)
-        return loss, {"uncertainty_threshold": threshold, "mask_fraction": float(mask.mean()),
-                      "uncertainty_mean": float(u.mean())}
+        image = valid.to(u.device)
+        return loss, {"uncertainty_threshold": threshold, "mask_fraction": masked_mean(mask, image),
+                      "uncertainty_mean": masked_mean(u, image)}
+
+
+class nnUNetTrainerUAMT_lnC(nnUNetTrainerUAMT):
+    """UA-MT with the threshold scaled by ln C instead of the reference's ln 2."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.threshold_classes = None
