@@ -157,9 +157,40 @@ def test_error_unreadable_image(synthetic3d, capsys):
     try:
         assert _cli_error("preprocess-unlabeled", "-d", synthetic3d["id"], "-c", "3d_fullres", "-np", 1) == 2
         err = capsys.readouterr().err
-        assert "could not preprocess unlabeled case 'broken'" in err and bad in err
+        assert f"{bad} is not a valid gzip file" in err and "remove case 'broken' from imagesUnlabeled" in err
     finally:
         os.remove(bad)
+
+
+def test_integrity_problems_stop_before_anything_is_written(synthetic3d, capsys):
+    """A new case with NaN voxels and a truncated one: one error naming both, the preprocessed
+    folder is left exactly as it was (the good new case is not written either)."""
+    raw = os.path.join(synthetic3d["raw"], "imagesUnlabeled")
+    out = os.path.join(synthetic3d["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled")
+    src = os.path.join(synthetic3d["raw"], "imagesTr", "syn_lab_000_0000.nii.gz")
+    img = sitk.ReadImage(src)
+    a = sitk.GetArrayFromImage(img).astype(np.float32)
+    a[3, 4, 5] = np.nan
+    nan_img = sitk.GetImageFromArray(a)
+    nan_img.CopyInformation(img)
+    files = {"zz_nan": os.path.join(raw, "zz_nan_0000.nii.gz"), "zz_cut": os.path.join(raw, "zz_cut_0000.nii.gz"),
+             "zz_fine": os.path.join(raw, "zz_fine_0000.nii.gz")}
+    sitk.WriteImage(nan_img, files["zz_nan"])
+    with open(files["zz_cut"], "wb") as f:
+        f.write(open(src, "rb").read()[:2000])
+    shutil.copy(src, files["zz_fine"])
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    info_before = open(out + ".json").read()
+    try:
+        assert _cli_error("preprocess-unlabeled", "-d", synthetic3d["id"], "-c", "3d_fullres", "-np", 1) == 2
+        err = capsys.readouterr().err
+        assert "2 problem(s)" in err and f"{files['zz_cut']} is truncated" in err
+        assert f"{files['zz_nan']}: 1 of {a.size} voxels" in err and files["zz_fine"] not in err
+        assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before
+        assert open(out + ".json").read() == info_before
+    finally:
+        for f in files.values():
+            os.remove(f)
 
 
 # ---------------------------------------------------------------------- labelsUnlabeled

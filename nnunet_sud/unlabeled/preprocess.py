@@ -22,6 +22,11 @@ training case). ``CASE.pkl`` records which label was used (``LABEL_PROPERTY``: f
 its bytes, or None); a re-run redoes every case whose record disagrees with labelsUnlabeled
 (label added, changed or removed).
 
+Before anything is written, every image is checked as nnU-Net's ``--verify_dataset_integrity``
+checks imagesTr (:mod:`nnunet_sud.unlabeled.integrity`): truncated gzip streams, multi-component
+images, NaN/Inf voxels and unreadable files stop the run with one error listing them all; images
+smaller than the patch size are reported as warnings.
+
 Planning and fingerprinting never see the unlabeled images (see DESIGN.md §2).
 """
 import hashlib
@@ -33,6 +38,7 @@ import shutil
 from typing import Dict, List, Optional, Tuple
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.unlabeled.integrity import check_unlabeled_images
 
 INFO_SUFFIX = ".json"  # -> <data_identifier>_unlabeled.json beside the folder
 #: raw folder of the optional labels of unlabeled images (named like labelsTr: CASE<file_ending>)
@@ -255,6 +261,7 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
                                  num_channels)
     labels = find_unlabeled_labels(os.path.join(raw_folder, LABELS_FOLDER), dataset_json["file_ending"], cases)
     cm = PlansManager(plans).get_configuration(configuration)
+    check_unlabeled_images(cases, plans, configuration, progress)  # before anything is written
     out = os.path.join(pre_folder, unlabeled_folder_name(cm.data_identifier))
     info_file = out + INFO_SUFFIX
     info = {"dataset": dataset_name, "plans_identifier": plans_identifier, "configuration": configuration,
