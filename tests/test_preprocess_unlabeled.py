@@ -91,6 +91,28 @@ def test_error_dataset_not_planned(nnunet_dirs, capsys):
     assert "nnUNetPlans.json not found" in err and "nnUNetv2_plan_and_preprocess -d 993" in err
 
 
+@pytest.mark.parametrize("plans, flag", [("nnUNetResEncUNetMPlans", " -pl nnUNetPlannerResEncM"),
+                                         ("MyPlans", " -overwrite_plans_name MyPlans"), ("nnUNetPlans", "")])
+def test_error_plans_not_found_suggests_a_command_that_makes_them(nnunet_dirs, capsys, plans, flag):
+    """-p names plans that do not exist: the suggested command, run (planning only), writes exactly them."""
+    import re
+    from nnunet_sud.dataset_conversion.synthetic import generate_dataset
+    generate_dataset(nnunet_dirs["nnUNet_raw"], 996, "3d", 2, 1, 0, seed=0, shape=(8, 8, 8))
+    pre = os.path.join(nnunet_dirs["nnUNet_preprocessed"], "Dataset996_Synthetic3D")
+    try:
+        assert _cli_error("preprocess-unlabeled", "-d", 996, "-c", "3d_fullres", "-p", plans) == 2
+        err = capsys.readouterr().err
+        assert f"with plans '{plans}'" in err
+        cmd = re.search(r"Run: (nnUNetv2_plan_and_preprocess .*)$", err.strip()).group(1)
+        assert cmd == "nnUNetv2_plan_and_preprocess -d 996 -c 3d_fullres" + flag
+        if flag:  # nnU-Net's own default needs no proof (about a minute per planning run here)
+            run_cmd(cmd.split() + ["--no_pp", "-npfp", "1"])
+            assert os.path.isfile(os.path.join(pre, plans + ".json"))
+    finally:
+        shutil.rmtree(pre, ignore_errors=True)
+        shutil.rmtree(os.path.join(nnunet_dirs["nnUNet_raw"], "Dataset996_Synthetic3D"), ignore_errors=True)
+
+
 def test_error_unknown_dataset(capsys):
     assert _cli_error("preprocess-unlabeled", "-d", 998, "-c", "3d_fullres") == 2
     assert "998" in capsys.readouterr().err

@@ -67,6 +67,42 @@ def configuration_fingerprint(plans: dict, configuration: str) -> str:
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def planner_for_plans(plans_identifier: str) -> Optional[str]:
+    """The nnU-Net experiment planner (``-pl`` class name) whose default plans name is ``plans_identifier``
+    (e.g. nnUNetPlannerResEncM -> nnUNetResEncUNetMPlans), or None."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import nnunetv2.experiment_planning.experiment_planners as planners
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    for m in pkgutil.walk_packages(planners.__path__, planners.__name__ + "."):
+        try:
+            module = importlib.import_module(m.name)
+        except Exception:  # a planner module with missing optional dependencies
+            continue
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, ExperimentPlanner):
+                default = inspect.signature(cls.__init__).parameters.get("plans_name")
+                if default is not None and default.default == plans_identifier:
+                    return name
+    return None
+
+
+def plan_command(dataset_name_or_id, configuration: str, plans_identifier: str = "nnUNetPlans") -> str:
+    """An ``nnUNetv2_plan_and_preprocess`` command that writes plans named ``plans_identifier``: the
+    planner whose default name it is (``-pl``), else the default planner under that name
+    (``-overwrite_plans_name``); nothing extra for nnUNetPlans."""
+    cmd = f"nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}"
+    planner = planner_for_plans(plans_identifier)
+    if planner == "ExperimentPlanner":
+        return cmd
+    if planner is not None:
+        return f"{cmd} -pl {planner}"
+    return f"{cmd} -overwrite_plans_name {plans_identifier}"
+
+
 def find_unlabeled_cases(folder: str, file_ending: str, num_channels: int) -> Dict[str, List[str]]:
     """Group ``CASE_XXXX<file_ending>`` files by case; check channels and endings.
 
@@ -170,7 +206,7 @@ def _load_plans_and_dataset(dataset_name_or_id, configuration: str, plans_identi
     if not os.path.isfile(plans_file):
         raise UserFacingError(
             f"{plans_file} not found: dataset {dataset_name} is not planned/preprocessed yet with plans "
-            f"'{plans_identifier}'. Run: nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}")
+            f"'{plans_identifier}'. Run: {plan_command(dataset_name_or_id, configuration, plans_identifier)}")
     plans = load_json(plans_file)
     if configuration not in plans["configurations"]:
         raise UserFacingError(
