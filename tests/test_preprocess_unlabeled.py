@@ -52,11 +52,7 @@ def test_output_equals_nnunets_preprocessing_of_the_same_image(synthetic3d, cfg,
         seg = _load_b2nd(os.path.join(out, "zz_copy_of_syn_lab_002_seg.b2nd"))
         assert seg.shape == (1, *ours.shape[1:]) and set(np.unique(seg)) <= {0, -1}
     finally:
-        os.remove(copy)
-        for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
-            p = os.path.join(out, "zz_copy_of_syn_lab_002" + suffix)
-            if os.path.exists(p):
-                os.remove(p)
+        _remove_case(synthetic3d, "zz_copy_of_syn_lab_002", [out])
 
 
 def test_rerun_skips_done_cases_and_reports_the_folder(synthetic3d):
@@ -229,6 +225,8 @@ def _copy_labeled_case_as_unlabeled(synthetic3d, case, name, with_label=True):
 
 
 def _remove_case(synthetic3d, name, out_folders):
+    """Remove a case added by a test from raw and preprocessed data; a re-run of preprocess-unlabeled
+    puts the folder's manifest back in step with imagesUnlabeled (or training tests would refuse it)."""
     raw = synthetic3d["raw"]
     for f in (os.path.join(raw, "imagesUnlabeled", name + "_0000.nii.gz"),
               os.path.join(raw, "labelsUnlabeled", name + ".nii.gz")):
@@ -238,6 +236,8 @@ def _remove_case(synthetic3d, name, out_folders):
         for suffix in (".b2nd", "_seg.b2nd", "_label.b2nd", ".pkl"):
             if os.path.exists(os.path.join(out, name + suffix)):
                 os.remove(os.path.join(out, name + suffix))
+        cfg = os.path.basename(out)[len("nnUNetPlans_"):-len("_unlabeled")]
+        assert preprocess_unlabeled(synthetic3d["id"], cfg, num_processes=1, progress=False)[1] == 0
 
 
 @pytest.mark.parametrize("cfg", ["3d_fullres", "2d"])
@@ -322,3 +322,93 @@ def test_error_label_of_wrong_shape(synthetic3d):
             preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)
     finally:
         _remove_case(synthetic3d, name, [out])
+
+
+# ---------------------------------------------------------------------- in step with imagesUnlabeled
+def _info(synthetic3d):
+    return json.load(open(os.path.join(synthetic3d["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled.json")))
+
+
+def test_removed_and_replaced_images_are_followed(synthetic3d, capsys):
+    """A removed image's case leaves the folder, a file replaced under the same name is read again,
+    a file only touched (same bytes) is not; the manifest lists exactly imagesUnlabeled."""
+    from nnunet_sud.unlabeled.preprocess import file_sha1
+
+    raw, pre = synthetic3d["raw"], synthetic3d["preprocessed"]
+    out = os.path.join(pre, "nnUNetPlans_3d_fullres_unlabeled")
+    run = lambda: preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)[1]  # noqa
+    a, _ = _copy_labeled_case_as_unlabeled(synthetic3d, "syn_lab_001", "zz_gone", with_label=False)
+    b, _ = _copy_labeled_case_as_unlabeled(synthetic3d, "syn_lab_002", "zz_replaced", with_label=False)
+    try:
+        run()
+        capsys.readouterr()
+        assert sorted(_info(synthetic3d)["cases"]) == sorted([f"syn_unl_{i:03d}" for i in range(6)] +
+                                                             ["zz_gone", "zz_replaced"])
+        os.remove(a)
+        shutil.copy(os.path.join(raw, "imagesTr", "syn_lab_003_0000.nii.gz"), b)  # same name, other image
+        assert run() == 1
+        printed = capsys.readouterr().out
+        assert f"1 case(s) removed from {out}: their image is no longer in" in printed and "zz_gone" in printed
+        assert "1 case(s) redone because their image in" in printed and "changed: zz_replaced" in printed
+        assert not [f for f in os.listdir(out) if f.startswith("zz_gone")]
+        assert np.array_equal(_load_b2nd(os.path.join(out, "zz_replaced.b2nd")),
+                              _load_b2nd(os.path.join(pre, "nnUNetPlans_3d_fullres", "syn_lab_003.b2nd")))
+        info = _info(synthetic3d)
+        assert "zz_gone" not in info["cases"] and info["cases"]["zz_replaced"][0]["sha1"] == file_sha1(b)
+        os.utime(b, ns=(1, 1))  # touched, same bytes: nothing to redo
+        assert run() == 0 and _info(synthetic3d)["cases"]["zz_replaced"][0]["mtime_ns"] == 1
+    finally:
+        _remove_case(synthetic3d, "zz_gone", [out])
+        _remove_case(synthetic3d, "zz_replaced", [out])
+
+
+def test_training_refuses_unlabeled_data_that_disagrees_with_imagesUnlabeled(synthetic3d, capsys, tmp_path):
+    from test_e2e_foundation import make_trainer
+
+    raw = os.path.join(synthetic3d["raw"], "imagesUnlabeled")
+    out = os.path.join(synthetic3d["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled")
+    preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)
+    trainer = make_trainer(synthetic3d, "3d_fullres")
+    capsys.readouterr()
+    trainer.check_unlabeled_data()
+    assert f"unlabeled data: 6 cases in {out}; matches {raw} (6 cases)" in capsys.readouterr().out
+    img = os.path.join(raw, "syn_unl_002_0000.nii.gz")
+    original = open(img, "rb").read()
+    new, away = os.path.join(raw, "zz_new_0000.nii.gz"), str(tmp_path / "syn_unl_002_0000.nii.gz")
+    info_file = out + ".json"
+    info = open(info_file).read()
+    try:
+        shutil.move(img, away)
+        shutil.copy(os.path.join(synthetic3d["raw"], "imagesTr", "syn_lab_000_0000.nii.gz"), new)
+        with pytest.raises(UserFacingError, match=r"does not match the unlabeled images: 1 case\(s\) preprocessed but "
+                                                  r"no longer in .*imagesUnlabeled \(syn_unl_002\); 1 case\(s\) in "
+                                                  r".*not preprocessed \(zz_new\)\. Re-run: nnunet-sud "
+                                                  r"preprocess-unlabeled -d Dataset991_Synthetic3D"):
+            trainer.check_unlabeled_data()
+        os.remove(new)
+        shutil.move(away, img)
+        shutil.copy(os.path.join(synthetic3d["raw"], "imagesTr", "syn_lab_000_0000.nii.gz"), img)
+        with pytest.raises(UserFacingError, match=r"1 case\(s\) whose image changed since \(syn_unl_002\)"):
+            trainer.check_unlabeled_data()
+        with open(img, "wb") as f:  # the same bytes again (new mtime): read and found unchanged
+            f.write(original)
+        trainer.check_unlabeled_data()
+        with open(info_file, "w") as f:  # a run that did not finish
+            json.dump({**json.loads(info), "cases": None}, f)
+        with pytest.raises(UserFacingError, match="the last run of preprocess-unlabeled on it did not finish"):
+            trainer.check_unlabeled_data()
+        with open(info_file, "w") as f:  # written by an older nnunet_sud: logged, not refused
+            json.dump({k: v for k, v in json.loads(info).items() if k != "cases"}, f)
+        capsys.readouterr()
+        trainer.check_unlabeled_data()
+        assert "6 cases in" in capsys.readouterr().out and "not checked against imagesUnlabeled" in open(
+            trainer.log_file).read()
+    finally:
+        if os.path.exists(away):
+            shutil.move(away, img)
+        with open(img, "wb") as f:
+            f.write(original)
+        if os.path.exists(new):
+            os.remove(new)
+        with open(info_file, "w") as f:
+            f.write(info)
