@@ -265,6 +265,52 @@ def test_folder_errors(tmp_path):
     assert not os.path.exists(ds) and load_json(os.path.join(ds2, "dataset.json"))["numTraining"] == 1
 
 
+def test_folder_refuses_two_image_or_label_folders(tmp_path):
+    """images/ and imagesTr/ (or labels/ and labelsTr/) side by side: only one would be converted."""
+    src = make_folder(tmp_path / "src", ["a1", "a2"], ["u1"])
+    shutil.copytree(os.path.join(src, "images"), os.path.join(src, "imagesTr"))
+    with pytest.raises(UserFacingError, match=r"has images/ and imagesTr/: both could hold the images.*"
+                                              r"--images-dir images or --images-dir imagesTr"):
+        convert_folder(src, out_opts(tmp_path, 964), SplitOptions())
+    os.remove(os.path.join(src, "imagesTr", "u1.nii.gz"))
+    ds = convert_folder(src, out_opts(tmp_path, 964), SplitOptions(), images_dir="imagesTr")
+    assert_raw_layout(ds, 2, 0, 0)  # the folder named is the one used
+    shutil.copytree(os.path.join(src, "labels"), os.path.join(src, "labelsTr"))
+    with pytest.raises(UserFacingError, match=r"has labels/ and labelsTr/.*--labels-dir labels or --labels-dir "
+                                              r"labelsTr"):
+        convert_folder(src, out_opts(tmp_path, 965), SplitOptions(), images_dir="images")
+
+
+@pytest.mark.parametrize("channel_suffix", ["auto", "no"])
+def test_folder_refuses_a_case_with_and_without_channel_suffix(tmp_path, channel_suffix):
+    """CASE.nii.gz and CASE_0000.nii.gz became two cases: the labeled image also landed in imagesUnlabeled."""
+    src = make_folder(tmp_path / "src", ["a1", "a2"], ["u1"])
+    shutil.copy(os.path.join(src, "images", "a1.nii.gz"), os.path.join(src, "images", "a1_0000.nii.gz"))
+    with pytest.raises(UserFacingError) as e:
+        convert_folder(src, out_opts(tmp_path, 966), SplitOptions(), channel_suffix=channel_suffix)
+    msg = str(e.value)
+    assert f"{os.path.join(src, 'images', 'a1.nii.gz')} and a1_0000.nii.gz" in msg
+    assert "'a1' and 'a1_0000'" in msg and "imagesUnlabeled" in msg and "a2" not in msg
+    assert not os.path.exists(tmp_path / "raw" / "Dataset966_src")
+
+
+def test_folder_test_list_naming_an_unlabeled_image(tmp_path):
+    """Before: u1 went to imagesTs without a label (nothing to evaluate it against) and every labeled
+    case stayed in training. Now an error naming the case; within a group whose labeled case is in
+    the test list, an unlabeled frame goes to the test set with it."""
+    src = make_folder(tmp_path / "src", ["a1", "a2", "a3"], ["u1"])
+    with pytest.raises(UserFacingError, match=r"--test-list names case\(s\) without a label: u1\. "):
+        convert_folder(src, out_opts(tmp_path, 967), SplitOptions(test_ids=["a3", "u1"]))
+    grouped = make_folder(tmp_path / "grouped", ["p1_f1", "p2_f1", "p3_f1"], ["p3_f2", "p2_f2"])
+    ds = convert_folder(grouped, out_opts(tmp_path, 968), SplitOptions(test_ids=["p3_f1", "p3_f2"]),
+                        group_regex=r"^(p\d)_")
+    dj, sp = assert_raw_layout(ds, 2, 1, 2)
+    assert sp["test"] == ["p3_f1", "p3_f2"] and folder_files(os.path.join(ds, "labelsTs")) == ["p3_f1.nii.gz"]
+    with pytest.raises(UserFacingError, match=r"without a label: p2_f2\. "):
+        convert_folder(grouped, out_opts(tmp_path, 969), SplitOptions(test_ids=["p3_f1", "p2_f2"]),
+                       group_regex=r"^(p\d)_")
+
+
 # ------------------------------------------------------------------------------------------- la-h5
 def make_la_h5(root, train_ids, test_ids, shape_xyz=(10, 8, 6), spacing=None):
     import h5py

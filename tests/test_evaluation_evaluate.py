@@ -293,3 +293,29 @@ def test_error_inputs(folders, tmp_path, capsys):
     assert run_cli("evaluate", "-pred", folders["pred"], "-ref", folders["ref"], "-o", tmp_path / "x",
                    "-djfile", bad_dj) == 2
     assert "nnU-Net cannot interpret" in capsys.readouterr().err
+
+
+def test_error_predicted_values_not_in_dataset_json(folders, tmp_path, capsys):
+    """Values dataset.json does not declare would count as background: every such file and its values
+    are named (all cases read first), with -np 1 and with worker processes."""
+    ref, pred = copy_folders(folders, tmp_path)
+    r1, p1 = folders["cases"]["c1"]
+    write(str(pred / "c1.nii.gz"), cube(SHAPE, (0, 0, 0), (1, 1, 1), 4, p1.copy()))
+    r3, p3 = folders["cases"]["c3"]
+    write(str(pred / "c3.nii.gz"), cube(SHAPE, (11, 0, 0), (12, 2, 2), 7, cube(SHAPE, (0, 0, 0), (1, 1, 1), 5,
+                                                                                p3.copy())))
+    dj = tmp_path / "dataset.json"
+    dj.write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz"}))
+    for n_proc in (1, 2):
+        assert run_cli("evaluate", "-pred", pred, "-ref", ref, "-o", tmp_path / "x", "-djfile", dj,
+                       "-np", n_proc) == 2
+        err = capsys.readouterr().err
+        assert f"2 prediction(s) in {pred} contain label values that dataset.json does not declare" in err
+        assert "(declared: 0, 1, 2): c1.nii.gz: [4], c3.nii.gz: [5, 7]" in err and "c0.nii.gz" not in err
+        assert not (tmp_path / "x.json").exists()
+    # declared -> evaluated; without dataset.json (--labels) nothing is declared, nothing is checked
+    dj.write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2, "c": 4, "d": 5, "e": 7},
+                              "file_ending": ".nii.gz"}))
+    assert run_cli("evaluate", "-pred", pred, "-ref", ref, "-o", tmp_path / "y", "-djfile", dj) == 0
+    assert "undeclared_values" not in (tmp_path / "y.json").read_text()
+    assert run_cli("evaluate", "-pred", pred, "-ref", ref, "-o", tmp_path / "z", "--labels", 1, 2) == 0

@@ -52,11 +52,7 @@ def test_output_equals_nnunets_preprocessing_of_the_same_image(synthetic3d, cfg,
         seg = _load_b2nd(os.path.join(out, "zz_copy_of_syn_lab_002_seg.b2nd"))
         assert seg.shape == (1, *ours.shape[1:]) and set(np.unique(seg)) <= {0, -1}
     finally:
-        os.remove(copy)
-        for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
-            p = os.path.join(out, "zz_copy_of_syn_lab_002" + suffix)
-            if os.path.exists(p):
-                os.remove(p)
+        _remove_case(synthetic3d, "zz_copy_of_syn_lab_002", [out])
 
 
 def test_rerun_skips_done_cases_and_reports_the_folder(synthetic3d):
@@ -89,6 +85,28 @@ def test_error_dataset_not_planned(nnunet_dirs, capsys):
     assert _cli_error("preprocess-unlabeled", "-d", 993, "-c", "3d_fullres") == 2
     err = capsys.readouterr().err
     assert "nnUNetPlans.json not found" in err and "nnUNetv2_plan_and_preprocess -d 993" in err
+
+
+@pytest.mark.parametrize("plans, flag", [("nnUNetResEncUNetMPlans", " -pl nnUNetPlannerResEncM"),
+                                         ("MyPlans", " -overwrite_plans_name MyPlans"), ("nnUNetPlans", "")])
+def test_error_plans_not_found_suggests_a_command_that_makes_them(nnunet_dirs, capsys, plans, flag):
+    """-p names plans that do not exist: the suggested command, run (planning only), writes exactly them."""
+    import re
+    from nnunet_sud.dataset_conversion.synthetic import generate_dataset
+    generate_dataset(nnunet_dirs["nnUNet_raw"], 996, "3d", 2, 1, 0, seed=0, shape=(8, 8, 8))
+    pre = os.path.join(nnunet_dirs["nnUNet_preprocessed"], "Dataset996_Synthetic3D")
+    try:
+        assert _cli_error("preprocess-unlabeled", "-d", 996, "-c", "3d_fullres", "-p", plans) == 2
+        err = capsys.readouterr().err
+        assert f"with plans '{plans}'" in err
+        cmd = re.search(r"Run: (nnUNetv2_plan_and_preprocess .*)$", err.strip()).group(1)
+        assert cmd == "nnUNetv2_plan_and_preprocess -d 996 -c 3d_fullres" + flag
+        if flag:  # nnU-Net's own default needs no proof (about a minute per planning run here)
+            run_cmd(cmd.split() + ["--no_pp", "-npfp", "1"])
+            assert os.path.isfile(os.path.join(pre, plans + ".json"))
+    finally:
+        shutil.rmtree(pre, ignore_errors=True)
+        shutil.rmtree(os.path.join(nnunet_dirs["nnUNet_raw"], "Dataset996_Synthetic3D"), ignore_errors=True)
 
 
 def test_error_unknown_dataset(capsys):
@@ -157,9 +175,40 @@ def test_error_unreadable_image(synthetic3d, capsys):
     try:
         assert _cli_error("preprocess-unlabeled", "-d", synthetic3d["id"], "-c", "3d_fullres", "-np", 1) == 2
         err = capsys.readouterr().err
-        assert "could not preprocess unlabeled case 'broken'" in err and bad in err
+        assert f"{bad} is not a valid gzip file" in err and "remove case 'broken' from imagesUnlabeled" in err
     finally:
         os.remove(bad)
+
+
+def test_integrity_problems_stop_before_anything_is_written(synthetic3d, capsys):
+    """A new case with NaN voxels and a truncated one: one error naming both, the preprocessed
+    folder is left exactly as it was (the good new case is not written either)."""
+    raw = os.path.join(synthetic3d["raw"], "imagesUnlabeled")
+    out = os.path.join(synthetic3d["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled")
+    src = os.path.join(synthetic3d["raw"], "imagesTr", "syn_lab_000_0000.nii.gz")
+    img = sitk.ReadImage(src)
+    a = sitk.GetArrayFromImage(img).astype(np.float32)
+    a[3, 4, 5] = np.nan
+    nan_img = sitk.GetImageFromArray(a)
+    nan_img.CopyInformation(img)
+    files = {"zz_nan": os.path.join(raw, "zz_nan_0000.nii.gz"), "zz_cut": os.path.join(raw, "zz_cut_0000.nii.gz"),
+             "zz_fine": os.path.join(raw, "zz_fine_0000.nii.gz")}
+    sitk.WriteImage(nan_img, files["zz_nan"])
+    with open(files["zz_cut"], "wb") as f:
+        f.write(open(src, "rb").read()[:2000])
+    shutil.copy(src, files["zz_fine"])
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    info_before = open(out + ".json").read()
+    try:
+        assert _cli_error("preprocess-unlabeled", "-d", synthetic3d["id"], "-c", "3d_fullres", "-np", 1) == 2
+        err = capsys.readouterr().err
+        assert "2 problem(s)" in err and f"{files['zz_cut']} is truncated" in err
+        assert f"{files['zz_nan']}: 1 of {a.size} voxels" in err and files["zz_fine"] not in err
+        assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before
+        assert open(out + ".json").read() == info_before
+    finally:
+        for f in files.values():
+            os.remove(f)
 
 
 # ---------------------------------------------------------------------- labelsUnlabeled
@@ -176,6 +225,8 @@ def _copy_labeled_case_as_unlabeled(synthetic3d, case, name, with_label=True):
 
 
 def _remove_case(synthetic3d, name, out_folders):
+    """Remove a case added by a test from raw and preprocessed data; a re-run of preprocess-unlabeled
+    puts the folder's manifest back in step with imagesUnlabeled (or training tests would refuse it)."""
     raw = synthetic3d["raw"]
     for f in (os.path.join(raw, "imagesUnlabeled", name + "_0000.nii.gz"),
               os.path.join(raw, "labelsUnlabeled", name + ".nii.gz")):
@@ -185,6 +236,8 @@ def _remove_case(synthetic3d, name, out_folders):
         for suffix in (".b2nd", "_seg.b2nd", "_label.b2nd", ".pkl"):
             if os.path.exists(os.path.join(out, name + suffix)):
                 os.remove(os.path.join(out, name + suffix))
+        cfg = os.path.basename(out)[len("nnUNetPlans_"):-len("_unlabeled")]
+        assert preprocess_unlabeled(synthetic3d["id"], cfg, num_processes=1, progress=False)[1] == 0
 
 
 @pytest.mark.parametrize("cfg", ["3d_fullres", "2d"])
@@ -269,3 +322,93 @@ def test_error_label_of_wrong_shape(synthetic3d):
             preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)
     finally:
         _remove_case(synthetic3d, name, [out])
+
+
+# ---------------------------------------------------------------------- in step with imagesUnlabeled
+def _info(synthetic3d):
+    return json.load(open(os.path.join(synthetic3d["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled.json")))
+
+
+def test_removed_and_replaced_images_are_followed(synthetic3d, capsys):
+    """A removed image's case leaves the folder, a file replaced under the same name is read again,
+    a file only touched (same bytes) is not; the manifest lists exactly imagesUnlabeled."""
+    from nnunet_sud.unlabeled.preprocess import file_sha1
+
+    raw, pre = synthetic3d["raw"], synthetic3d["preprocessed"]
+    out = os.path.join(pre, "nnUNetPlans_3d_fullres_unlabeled")
+    run = lambda: preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)[1]  # noqa
+    a, _ = _copy_labeled_case_as_unlabeled(synthetic3d, "syn_lab_001", "zz_gone", with_label=False)
+    b, _ = _copy_labeled_case_as_unlabeled(synthetic3d, "syn_lab_002", "zz_replaced", with_label=False)
+    try:
+        run()
+        capsys.readouterr()
+        assert sorted(_info(synthetic3d)["cases"]) == sorted([f"syn_unl_{i:03d}" for i in range(6)] +
+                                                             ["zz_gone", "zz_replaced"])
+        os.remove(a)
+        shutil.copy(os.path.join(raw, "imagesTr", "syn_lab_003_0000.nii.gz"), b)  # same name, other image
+        assert run() == 1
+        printed = capsys.readouterr().out
+        assert f"1 case(s) removed from {out}: their image is no longer in" in printed and "zz_gone" in printed
+        assert "1 case(s) redone because their image in" in printed and "changed: zz_replaced" in printed
+        assert not [f for f in os.listdir(out) if f.startswith("zz_gone")]
+        assert np.array_equal(_load_b2nd(os.path.join(out, "zz_replaced.b2nd")),
+                              _load_b2nd(os.path.join(pre, "nnUNetPlans_3d_fullres", "syn_lab_003.b2nd")))
+        info = _info(synthetic3d)
+        assert "zz_gone" not in info["cases"] and info["cases"]["zz_replaced"][0]["sha1"] == file_sha1(b)
+        os.utime(b, ns=(1, 1))  # touched, same bytes: nothing to redo
+        assert run() == 0 and _info(synthetic3d)["cases"]["zz_replaced"][0]["mtime_ns"] == 1
+    finally:
+        _remove_case(synthetic3d, "zz_gone", [out])
+        _remove_case(synthetic3d, "zz_replaced", [out])
+
+
+def test_training_refuses_unlabeled_data_that_disagrees_with_imagesUnlabeled(synthetic3d, capsys, tmp_path):
+    from test_e2e_foundation import make_trainer
+
+    raw = os.path.join(synthetic3d["raw"], "imagesUnlabeled")
+    out = os.path.join(synthetic3d["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled")
+    preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)
+    trainer = make_trainer(synthetic3d, "3d_fullres")
+    capsys.readouterr()
+    trainer.check_unlabeled_data()
+    assert f"unlabeled data: 6 cases in {out}; matches {raw} (6 cases)" in capsys.readouterr().out
+    img = os.path.join(raw, "syn_unl_002_0000.nii.gz")
+    original = open(img, "rb").read()
+    new, away = os.path.join(raw, "zz_new_0000.nii.gz"), str(tmp_path / "syn_unl_002_0000.nii.gz")
+    info_file = out + ".json"
+    info = open(info_file).read()
+    try:
+        shutil.move(img, away)
+        shutil.copy(os.path.join(synthetic3d["raw"], "imagesTr", "syn_lab_000_0000.nii.gz"), new)
+        with pytest.raises(UserFacingError, match=r"does not match the unlabeled images: 1 case\(s\) preprocessed but "
+                                                  r"no longer in .*imagesUnlabeled \(syn_unl_002\); 1 case\(s\) in "
+                                                  r".*not preprocessed \(zz_new\)\. Re-run: nnunet-sud "
+                                                  r"preprocess-unlabeled -d Dataset991_Synthetic3D"):
+            trainer.check_unlabeled_data()
+        os.remove(new)
+        shutil.move(away, img)
+        shutil.copy(os.path.join(synthetic3d["raw"], "imagesTr", "syn_lab_000_0000.nii.gz"), img)
+        with pytest.raises(UserFacingError, match=r"1 case\(s\) whose image changed since \(syn_unl_002\)"):
+            trainer.check_unlabeled_data()
+        with open(img, "wb") as f:  # the same bytes again (new mtime): read and found unchanged
+            f.write(original)
+        trainer.check_unlabeled_data()
+        with open(info_file, "w") as f:  # a run that did not finish
+            json.dump({**json.loads(info), "cases": None}, f)
+        with pytest.raises(UserFacingError, match="the last run of preprocess-unlabeled on it did not finish"):
+            trainer.check_unlabeled_data()
+        with open(info_file, "w") as f:  # written by an older nnunet_sud: logged, not refused
+            json.dump({k: v for k, v in json.loads(info).items() if k != "cases"}, f)
+        capsys.readouterr()
+        trainer.check_unlabeled_data()
+        assert "6 cases in" in capsys.readouterr().out and "not checked against imagesUnlabeled" in open(
+            trainer.log_file).read()
+    finally:
+        if os.path.exists(away):
+            shutil.move(away, img)
+        with open(img, "wb") as f:
+            f.write(original)
+        if os.path.exists(new):
+            os.remove(new)
+        with open(info_file, "w") as f:
+            f.write(info)

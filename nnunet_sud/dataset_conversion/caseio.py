@@ -74,6 +74,7 @@ def group_channels(files: Sequence[str], ending: str, channel_suffix: str,
     the full ones) match the label files.
     """
     stems = [f[: -len(ending)] for f in files]
+    _check_suffixed_twins(files, stems, ending, folder)
     if channel_suffix == "auto":
         all_suffixed = bool(stems) and all(_CHANNEL_RE.match(s) for s in stems)
         labels = set(label_ids)
@@ -103,6 +104,22 @@ def group_channels(files: Sequence[str], ending: str, channel_suffix: str,
                                   f"every case needs the same channels")
         out[cid] = [ch[i] for i in range(len(ch))]
     return out
+
+
+def _check_suffixed_twins(files: Sequence[str], stems: Sequence[str], ending: str, folder: str) -> None:
+    """``CASE<ending>`` beside ``CASE_0000<ending>`` would become two cases ('CASE' and 'CASE_0000'):
+    the same image twice, and with a label for CASE the labeled image would also be unlabeled."""
+    by_stem = dict(zip(stems, files))
+    twins = [(by_stem[m.group(1)], f) for f, s in zip(files, stems)
+             for m in [_CHANNEL_RE.match(s)] if m is not None and m.group(1) in by_stem]
+    if twins:
+        listed = "; ".join(f"{os.path.join(folder, a)} and {b}" for a, b in twins[:5])
+        raise UserFacingError(
+            f"{len(twins)} image(s) exist with and without nnU-Net's channel suffix: {listed}"
+            f"{' ...' if len(twins) > 5 else ''}. They would become two cases each (e.g. '{twins[0][0][:-len(ending)]}' "
+            f"and '{twins[0][1][:-len(ending)]}'), and the image of a labeled case would also land in "
+            f"imagesUnlabeled. Keep one name per image (remove the copy), or rename one if they are different "
+            f"cases.")
 
 
 @dataclass

@@ -31,15 +31,23 @@ KITS_LABELS_PLAIN = {"background": 0, "kidney": 1, "tumor": 2}
 
 def _find_dir(source: str, given: Optional[str], candidates: Sequence[str], what: str,
               required: bool = True) -> Optional[str]:
-    """``given`` (relative to ``source`` unless absolute) or the first existing candidate."""
+    """``given`` (relative to ``source`` unless absolute) or the one existing candidate.
+
+    Two existing candidates (e.g. ``images/`` and ``imagesTr/``) are an error: which one holds the
+    cases is the user's choice, not the order of our list."""
     if given:
         path = given if os.path.isabs(given) else os.path.join(source, given)
         if not os.path.isdir(path):
             raise UserFacingError(f"{what} folder {path} does not exist")
         return path
-    for c in candidates:
-        if os.path.isdir(os.path.join(source, c)):
-            return os.path.join(source, c)
+    found = [c for c in candidates if os.path.isdir(os.path.join(source, c))]
+    if len(found) > 1:
+        raise UserFacingError(
+            f"{source} has {' and '.join(f'{c}/' for c in found)}: both could hold the {what}, and only one is "
+            f"converted. Say which with --{what}-dir {found[0]} or --{what}-dir {found[1]} (or remove or rename "
+            f"the other folder).")
+    if found:
+        return os.path.join(source, found[0])
     if required:
         raise UserFacingError(f"no {what} folder in {source}: expected one of {', '.join(candidates)} "
                               f"(or name it with --{what}-dir)")

@@ -190,6 +190,22 @@ def _check_known(ids: Sequence[str], known, what: str) -> None:
                               f"Check the ids (case ids are file names without channel suffix and ending).")
 
 
+def _check_test_labels(test_ids: Sequence[str], info: Dict[str, CaseInfo], groups: Dict[str, List[str]]) -> None:
+    """A ``--test-list`` case without a label is an error, unless a labeled case of its group is in the
+    list too (then it is that group's unlabeled part, kept out of training with it)."""
+    listed = set(test_ids)
+    unlabeled = [cid for cid in test_ids if not info[cid].has_label
+                 and not any(info[c].has_label and c in listed for c in groups[info[cid].group])]
+    if unlabeled:
+        show = ", ".join(unlabeled[:5]) + (f" (+{len(unlabeled) - 5} more)" if len(unlabeled) > 5 else "")
+        raise UserFacingError(
+            f"--test-list names case(s) without a label: {show}. A test case needs its label (labelsTs) to be "
+            f"evaluated; these would go to imagesTs without one, and the labeled case meant (a typo in the id, or "
+            f"a label file named differently) would stay in training. Fix the id or the label file's name, or "
+            f"remove the case from the test list (to predict images without labels, run nnUNetv2_predict on "
+            f"them directly).")
+
+
 def _check_group_sides(roles: Dict[str, str], groups: Dict[str, List[str]]) -> None:
     """No group may have cases both in the test set and in the training pool (leakage)."""
     for g, members in groups.items():
@@ -228,6 +244,7 @@ def assign_roles(cases: Sequence[CaseInfo], opts: SplitOptions) -> Split:
     # 1. test set: explicit list, then a seeded draw of whole groups
     if opts.test_ids:
         _check_known(opts.test_ids, info, "--test-list")
+        _check_test_labels(opts.test_ids, info, groups)
         for cid in opts.test_ids:
             if roles[cid] not in (None, "test"):
                 raise UserFacingError(f"--test-list names case '{cid}', which the source layout already puts into "

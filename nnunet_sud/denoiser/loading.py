@@ -187,6 +187,7 @@ def _total_strides(configuration_manager) -> np.ndarray:
 
 def _segmenter_setup(dataset_name: str, plans_identifier: str, configuration: str, cmd: str):
     from nnunet_sud.denoiser.data import dataset_id_of
+    from nnunet_sud.unlabeled.preprocess import plan_command
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -197,7 +198,7 @@ def _segmenter_setup(dataset_name: str, plans_identifier: str, configuration: st
     ds_file = os.path.join(base, "dataset.json")
     if not os.path.isfile(plans_file) or not os.path.isfile(ds_file):
         raise UserFacingError(f"{plans_file} (or dataset.json beside it) not found: plan and preprocess the dataset "
-                              f"(nnUNetv2_plan_and_preprocess -d {dataset_id_of(dataset_name)}), then train the denoiser: {cmd}")
+                              f"({plan_command(dataset_id_of(dataset_name), configuration, plans_identifier)}), then train the denoiser: {cmd}")
     pm = PlansManager(plans_file)
     if configuration not in pm.available_configurations:
         raise UserFacingError(f"configuration {configuration!r} is not in {plans_file} "

@@ -78,6 +78,7 @@ def preprocess_denoiser_labels(dataset_name_or_id, configuration: str, plans_ide
     from nnunet_sud.denoiser.data import (DENOISER_LABELS_RAW_FOLDER, denoiser_labels_folder, raw_denoiser_label_files,
                                           resolve_dataset_name)
     from nnunet_sud.denoiser.network import check_label_manager_supported
+    from nnunet_sud.unlabeled.preprocess import plan_command
 
     if not nnUNet_raw or not nnUNet_preprocessed:
         raise UserFacingError("nnUNet_raw and nnUNet_preprocessed must be set (export them as for nnUNetv2_* commands)")
@@ -87,7 +88,7 @@ def preprocess_denoiser_labels(dataset_name_or_id, configuration: str, plans_ide
     dataset_json_file = os.path.join(pre_base, "dataset.json")
     if not isfile(plans_file) or not isfile(dataset_json_file):
         raise UserFacingError(f"{plans_file} (or dataset.json beside it) not found: plan and preprocess the dataset "
-                              f"first: nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}")
+                              f"first: {plan_command(dataset_name_or_id, configuration, plans_identifier)}")
     pm = PlansManager(plans_file)
     if configuration not in pm.available_configurations:
         raise UserFacingError(f"configuration {configuration!r} not in {plans_file}; available: "
@@ -104,7 +105,7 @@ def preprocess_denoiser_labels(dataset_name_or_id, configuration: str, plans_ide
     main_folder = os.path.join(pre_base, cm.data_identifier)
     if not os.path.isdir(main_folder):
         raise UserFacingError(f"{main_folder} not found: preprocess the configuration first: "
-                              f"nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}")
+                              f"{plan_command(dataset_name_or_id, configuration, plans_identifier)}")
     dataset_class = infer_dataset_class(main_folder)
     labelled = set(dataset_class.get_identifiers(main_folder))
     ids = [os.path.basename(f)[:-len(file_ending)] for f in files]

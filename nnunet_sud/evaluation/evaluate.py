@@ -114,6 +114,14 @@ def classes_from_dataset_json(dataset_json: dict, source: str = "dataset.json") 
     return classes, lm.ignore_label
 
 
+def declared_values(dataset_json: dict) -> List[int]:
+    """Every label value a dataset.json declares (background, labels, region members, ignore label)."""
+    values = set()
+    for v in dataset_json.get("labels", {}).values():
+        values.update(int(i) for i in (v if isinstance(v, (list, tuple)) else [v]))
+    return sorted(values)
+
+
 def find_cases(folder: str, file_ending: str) -> Dict[str, str]:
     """``{case_id: path}`` for the files in ``folder`` (not recursive) ending in ``file_ending``."""
     if not os.path.isdir(folder):
@@ -172,17 +180,20 @@ def _read(rw, path: str) -> Tuple[np.ndarray, Tuple[float, ...]]:
 
 
 def evaluate_case(case: str, pred_file: str, ref_file: str, rw, classes: Sequence[ClassSpec],
-                  ignore_label: Optional[int] = None) -> dict:
+                  ignore_label: Optional[int] = None, allowed_values: Optional[Sequence[int]] = None) -> dict:
     """Metrics of one case for every class.
 
     Returns ``{"case", "prediction_file", "reference_file", "shape", "spacing", "metrics": {key:
     {"Dice", "HD95", "TP", "FP", "FN", "n_ref", "n_pred", "status"}}}`` where shape/spacing are
-    those used for the surfaces (length-1 axes dropped).
+    those used for the surfaces (length-1 axes dropped). With ``allowed_values`` (the values
+    dataset.json declares), ``"undeclared_values"`` lists the prediction's values outside them.
     """
     from nnunet_sud.evaluation.metrics import confusion_counts, hd95, image_diagonal, squeeze_singleton_axes
 
     seg_pred, sp_pred = _read(rw, pred_file)
     seg_ref, sp_ref = _read(rw, ref_file)
+    undeclared = [] if allowed_values is None else \
+        [int(v) for v in np.setdiff1d(np.unique(seg_pred), np.asarray(allowed_values, dtype=seg_pred.dtype))]
     if seg_pred.shape != seg_ref.shape:
         raise UserFacingError(
             f"case {case}: prediction {pred_file} has shape {seg_pred.shape} but reference {ref_file} has "
@@ -212,8 +223,11 @@ def evaluate_case(case: str, pred_file: str, ref_file: str, rw, classes: Sequenc
             h = hd95(m_pred, m_ref, spacing, one_empty=diag)
         metrics[c.key] = {"Dice": d, "HD95": h, "TP": tp, "FP": fp, "FN": fn, "n_ref": n_ref, "n_pred": n_pred,
                           "status": status}
-    return {"case": case, "prediction_file": os.path.abspath(pred_file), "reference_file": os.path.abspath(ref_file),
-            "shape": list(seg_ref.shape), "spacing": list(spacing), "metrics": metrics}
+    out = {"case": case, "prediction_file": os.path.abspath(pred_file), "reference_file": os.path.abspath(ref_file),
+           "shape": list(seg_ref.shape), "spacing": list(spacing), "metrics": metrics}
+    if allowed_values is not None:
+        out["undeclared_values"] = undeclared
+    return out
 
 
 def _fmt_spacing(sp: Sequence[float]) -> str:
@@ -268,6 +282,9 @@ def evaluate_folders(pred_folder: str, ref_folder: str, classes: Sequence[ClassS
         only_predicted: evaluate the predicted cases only, instead of requiring every reference case.
         reader_writer_class: nnU-Net reader/writer class; by default determined from ``dataset_json``
             (if given) or the file ending, by trying to read the first reference file.
+        dataset_json: with it, a prediction holding a label value that dataset.json does not declare is an
+            error (UserFacingError naming every such file and its values, after all cases are read): those
+            voxels would silently count as background of every class.
     """
     from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
                                                          determine_reader_writer_from_file_ending)
@@ -289,13 +306,16 @@ def evaluate_folders(pred_folder: str, ref_folder: str, classes: Sequence[ClassS
             raise UserFacingError(f"nnU-Net has no reader for '{file_ending}' files that can open {example}: {e}. "
                                   f"Check --file-ending.") from e
     rw = reader_writer_class()
-    jobs = [(c, pred[c], ref[c], rw, list(classes), ignore_label) for c in cases]
+    allowed = declared_values(dataset_json) if dataset_json is not None else None
+    jobs = [(c, pred[c], ref[c], rw, list(classes), ignore_label, allowed) for c in cases]
     if num_processes > 1 and len(jobs) > 1:
         import multiprocessing
         with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
             per_case = pool.map(_case_worker, jobs, chunksize=1)
     else:
         per_case = [_case_worker(j) for j in jobs]
+    if allowed is not None:
+        _check_declared_values(per_case, allowed, pred_folder)
     summary, fg = summarize(per_case, classes)
     return {
         "format": FORMAT,
@@ -323,6 +343,19 @@ def evaluate_folders(pred_folder: str, ref_folder: str, classes: Sequence[ClassS
         "summary": summary,
         "foreground_mean": fg,
     }
+
+
+def _check_declared_values(per_case: List[dict], allowed: Sequence[int], pred_folder: str) -> None:
+    """Raise UserFacingError listing the predictions with label values dataset.json does not declare."""
+    bad = [(os.path.basename(pc["prediction_file"]), pc.pop("undeclared_values")) for pc in per_case]
+    bad = [(f, v) for f, v in bad if v]
+    if bad:
+        raise UserFacingError(
+            f"{len(bad)} prediction(s) in {pred_folder} contain label values that dataset.json does not declare "
+            f"(declared: {', '.join(map(str, allowed))}): "
+            f"{_fmt_list([f'{f}: {v}' for f, v in bad], 10)}. Such voxels would count as background for every "
+            f"class. Check that the predictions come from a model trained on this dataset and that -djfile is its "
+            f"dataset.json, or map these values to declared labels.")
 
 
 # ---------------------------------------------------------------------------------------- I/O

@@ -44,7 +44,8 @@ from nnunet_sud.errors import UserFacingError
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.trainers.logging import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
 from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, cases_with_labels, make_augmenter, unlabeled_identifiers
-from nnunet_sud.unlabeled.preprocess import INFO_SUFFIX, configuration_fingerprint, unlabeled_folder_name
+from nnunet_sud.unlabeled.preprocess import (INFO_SUFFIX, check_against_raw, configuration_fingerprint,
+                                             unlabeled_folder_name)
 
 EXTRA_STATE_SUFFIX = "_extra_state.pth"
 
@@ -106,6 +107,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 f"{type(self).__name__} needs preprocessed unlabeled images, but {folder} is missing or empty. "
                 f"Put the unlabeled images into nnUNet_raw/{dataset}/imagesUnlabeled and run: {cmd}")
         info_file = folder + INFO_SUFFIX
+        note = f"no {info_file}: not checked against imagesUnlabeled"
         if os.path.isfile(info_file):
             import json
             with open(info_file) as f:
@@ -115,6 +117,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 raise UserFacingError(
                     f"{folder} was preprocessed with other plans than {self.plans_manager.plans_name}/"
                     f"{self.configuration_name} now say (the plans changed since). Re-run: {cmd}")
+            problem, note = check_against_raw(folder, info)
+            if problem:
+                raise UserFacingError(f"{folder} does not match the unlabeled images: {problem.rstrip('.')}. Re-run: {cmd}")
+        self.print_to_log_file(f"unlabeled data: {len(unlabeled_identifiers(folder))} cases in {folder}; {note}")
 
     # ------------------------------------------------------------------ training progress
     def training_progress(self) -> float:

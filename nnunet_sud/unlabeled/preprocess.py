@@ -9,7 +9,11 @@ Output: ``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/CASE.b2nd, 
         ``CASE_seg.b2nd`` holds what nnU-Net's preprocessor makes of a missing label: the
         non-zero mask (0 inside, -1 outside), used by ``use_mask_for_norm`` augmentation.
         ``<data_identifier>_unlabeled.json`` beside the folder records which plans and
-        configuration produced it, so training can refuse stale data.
+        configuration produced it and, per case, the raw image files it was made from (name,
+        size, mtime, SHA-1; ``"cases"``, null while a run is in progress), so training can refuse
+        stale data: other plans, or cases gone from, added to or changed in imagesUnlabeled.
+        Each ``CASE.pkl`` records its image files too (``IMAGES_PROPERTY``): a re-run redoes a
+        case whose image changed and removes a case whose image is gone.
 
 Optional labels: ``nnUNet_raw/DatasetXXX/labelsUnlabeled/CASE<file_ending>`` (named like labelsTr)
 for some of the unlabeled images. They only measure how good the targets a semi-supervised
@@ -22,6 +26,11 @@ training case). ``CASE.pkl`` records which label was used (``LABEL_PROPERTY``: f
 its bytes, or None); a re-run redoes every case whose record disagrees with labelsUnlabeled
 (label added, changed or removed).
 
+Before anything is written, every image is checked as nnU-Net's ``--verify_dataset_integrity``
+checks imagesTr (:mod:`nnunet_sud.unlabeled.integrity`): truncated gzip streams, multi-component
+images, NaN/Inf voxels and unreadable files stop the run with one error listing them all; images
+smaller than the patch size are reported as warnings.
+
 Planning and fingerprinting never see the unlabeled images (see DESIGN.md §2).
 """
 import hashlib
@@ -33,6 +42,7 @@ import shutil
 from typing import Dict, List, Optional, Tuple
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.unlabeled.integrity import check_unlabeled_images
 
 INFO_SUFFIX = ".json"  # -> <data_identifier>_unlabeled.json beside the folder
 #: raw folder of the optional labels of unlabeled images (named like labelsTr: CASE<file_ending>)
@@ -41,6 +51,8 @@ LABELS_FOLDER = "labelsUnlabeled"
 LABEL_SUFFIX = "_label.b2nd"
 #: key in the case's properties (.pkl): None, or {"file": label file name, "sha1": hex digest of its bytes}
 LABEL_PROPERTY = "nnunet_sud_label"
+#: key in the case's properties (.pkl): the raw image files it was made from (:func:`image_records`)
+IMAGES_PROPERTY = "nnunet_sud_images"
 
 
 def unlabeled_folder_name(data_identifier: str) -> str:
@@ -59,6 +71,42 @@ def configuration_fingerprint(plans: dict, configuration: str) -> str:
         "image_reader_writer": plans["image_reader_writer"],
     }
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def planner_for_plans(plans_identifier: str) -> Optional[str]:
+    """The nnU-Net experiment planner (``-pl`` class name) whose default plans name is ``plans_identifier``
+    (e.g. nnUNetPlannerResEncM -> nnUNetResEncUNetMPlans), or None."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import nnunetv2.experiment_planning.experiment_planners as planners
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    for m in pkgutil.walk_packages(planners.__path__, planners.__name__ + "."):
+        try:
+            module = importlib.import_module(m.name)
+        except Exception:  # a planner module with missing optional dependencies
+            continue
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, ExperimentPlanner):
+                default = inspect.signature(cls.__init__).parameters.get("plans_name")
+                if default is not None and default.default == plans_identifier:
+                    return name
+    return None
+
+
+def plan_command(dataset_name_or_id, configuration: str, plans_identifier: str = "nnUNetPlans") -> str:
+    """An ``nnUNetv2_plan_and_preprocess`` command that writes plans named ``plans_identifier``: the
+    planner whose default name it is (``-pl``), else the default planner under that name
+    (``-overwrite_plans_name``); nothing extra for nnUNetPlans."""
+    cmd = f"nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}"
+    planner = planner_for_plans(plans_identifier)
+    if planner == "ExperimentPlanner":
+        return cmd
+    if planner is not None:
+        return f"{cmd} -pl {planner}"
+    return f"{cmd} -overwrite_plans_name {plans_identifier}"
 
 
 def find_unlabeled_cases(folder: str, file_ending: str, num_channels: int) -> Dict[str, List[str]]:
@@ -127,25 +175,92 @@ def find_unlabeled_labels(folder: str, file_ending: str, cases: Dict[str, List[s
     return out
 
 
+def file_sha1(path: str) -> str:
+    """SHA-1 hex digest of a file's bytes."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def label_record(label_file: Optional[str]) -> Optional[dict]:
     """What ``LABEL_PROPERTY`` records for a label file (None: no label)."""
     if label_file is None:
         return None
-    h = hashlib.sha1()
-    with open(label_file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"file": os.path.basename(label_file), "sha1": h.hexdigest()}
+    return {"file": os.path.basename(label_file), "sha1": file_sha1(label_file)}
 
 
-def _recorded_label(output_folder: str, case: str):
-    """The label record of a finished case (its .pkl), or ``False`` when the case is not finished."""
+def image_records(image_files: List[str], previous: Optional[List[dict]] = None) -> List[dict]:
+    """What ``IMAGES_PROPERTY`` and the folder's manifest record for a case's raw image files:
+    ``[{"file", "size", "mtime_ns", "sha1"}]`` per channel. The SHA-1 of ``previous`` (an earlier
+    record) is reused for a file whose name, size and mtime are unchanged; otherwise the bytes are hashed."""
+    prev = {r["file"]: r for r in previous or []}
+    out = []
+    for path in image_files:
+        st, name = os.stat(path), os.path.basename(path)
+        old = prev.get(name)
+        same = old is not None and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+        out.append({"file": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "sha1": old["sha1"] if same else file_sha1(path)})
+    return out
+
+
+def same_images(a: List[dict], b: List[dict]) -> bool:
+    """Two image records describe the same files with the same content."""
+    return [(r["file"], r["sha1"]) for r in a] == [(r["file"], r["sha1"]) for r in b]
+
+
+def _recorded_properties(output_folder: str, case: str) -> Optional[dict]:
+    """The properties (.pkl) of a finished case, None when the case is not finished."""
     import pickle
     pkl = os.path.join(output_folder, case + ".pkl")
     if not os.path.isfile(pkl):
-        return False
+        return None
     with open(pkl, "rb") as f:
-        return pickle.load(f).get(LABEL_PROPERTY)
+        return pickle.load(f)
+
+
+def _names(cases: List[str], n: int = 5) -> str:
+    return ", ".join(cases[:n]) + (", ..." if len(cases) > n else "")
+
+
+def check_against_raw(folder: str, info: dict) -> Tuple[Optional[str], str]:
+    """Compare a preprocessed unlabeled folder with the images it was made from.
+
+    ``info``: the folder's ``INFO_SUFFIX`` json. Returns (problem, note): problem is None or says
+    what disagrees (cases gone from imagesUnlabeled, new ones, changed files, an unfinished run);
+    note says what was compared, for the training log. Files whose size and mtime match the
+    manifest are not read again.
+    """
+    manifest = info.get("cases", False)
+    if manifest is False:
+        return None, ("not checked against imagesUnlabeled: the folder was made by an older nnunet_sud without a "
+                      "record of its raw files (re-run preprocess-unlabeled to record them)")
+    if manifest is None:
+        return "the last run of preprocess-unlabeled on it did not finish", ""
+    images = info.get("images_folder", "")
+    if not os.path.isdir(images):
+        return None, f"not checked against imagesUnlabeled: {images} not found"
+    present = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".pkl") and not f.startswith("."))
+    if present != sorted(manifest):
+        return (f"it holds {len(present)} case(s) but its record lists {len(manifest)} (files were added or "
+                f"removed by hand)"), ""
+    try:
+        raw = find_unlabeled_cases(images, info["file_ending"], info["num_channels"]) \
+            if any(not f.startswith(".") for f in os.listdir(images)) else {}
+    except UserFacingError as e:
+        return str(e), ""
+    gone = sorted(set(manifest) - set(raw))
+    new = sorted(set(raw) - set(manifest))
+    changed = sorted(c for c in set(raw) & set(manifest) if not same_images(manifest[c], image_records(raw[c],
+                                                                                                      manifest[c])))
+    parts = [f"{len(gone)} case(s) preprocessed but no longer in {images} ({_names(gone)})"] if gone else []
+    parts += [f"{len(new)} case(s) in {images} not preprocessed ({_names(new)})"] if new else []
+    parts += [f"{len(changed)} case(s) whose image changed since ({_names(changed)})"] if changed else []
+    if parts:
+        return "; ".join(parts), ""
+    return None, f"matches {images} ({len(raw)} cases)"
 
 
 def _load_plans_and_dataset(dataset_name_or_id, configuration: str, plans_identifier: str):
@@ -164,7 +279,7 @@ def _load_plans_and_dataset(dataset_name_or_id, configuration: str, plans_identi
     if not os.path.isfile(plans_file):
         raise UserFacingError(
             f"{plans_file} not found: dataset {dataset_name} is not planned/preprocessed yet with plans "
-            f"'{plans_identifier}'. Run: nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}")
+            f"'{plans_identifier}'. Run: {plan_command(dataset_name_or_id, configuration, plans_identifier)}")
     plans = load_json(plans_file)
     if configuration not in plans["configurations"]:
         raise UserFacingError(
@@ -181,7 +296,7 @@ def _load_plans_and_dataset(dataset_name_or_id, configuration: str, plans_identi
 
 
 def _preprocess_one(case: str, image_files: List[str], output_folder: str, plans: dict, configuration: str,
-                    dataset_json: dict, label_file: Optional[str] = None) -> str:
+                    dataset_json: dict, label_file: Optional[str] = None, images_record: Optional[list] = None) -> str:
     """Preprocess one unlabeled case (and its label, if any) with the plans' preprocessor; save it atomically."""
     import blosc2
     import numpy as np
@@ -211,6 +326,7 @@ def _preprocess_one(case: str, image_files: List[str], output_folder: str, plans
                 f"remove it.") from None
         label = label.astype(np.int16, copy=False)
     properties[LABEL_PROPERTY] = label_record(label_file)
+    properties[IMAGES_PROPERTY] = images_record if images_record is not None else image_records(image_files)
     # the data loader reads class_locations unconditionally; unlabeled cases have none
     keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
     properties["class_locations"] = {(tuple(k) if isinstance(k, list) else k): np.zeros((0, 4), dtype=np.int64)
@@ -241,9 +357,13 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
                          num_processes: int = 4, overwrite: bool = False, progress: bool = True) -> Tuple[str, int]:
     """Preprocess every image of imagesUnlabeled; returns (output folder, number of cases written now).
 
-    Cases already present (complete: their .pkl exists) are skipped unless ``overwrite`` or their
-    label in labelsUnlabeled was added, changed or removed since; when the plans changed since the
-    folder was written, it is rebuilt.
+    The folder is kept in step with imagesUnlabeled: cases already present (complete: their .pkl
+    exists) are skipped unless ``overwrite``, their image files changed (content, compared by
+    SHA-1; ``IMAGES_PROPERTY``) or their label in labelsUnlabeled was added, changed or removed;
+    cases whose image is gone are removed; when the plans changed since the folder was written, it
+    is rebuilt. The new and changed images are checked (:func:`check_unlabeled_images`) before
+    anything is written. At the end the ``INFO_SUFFIX`` json records every case's image files
+    (the manifest training compares with imagesUnlabeled).
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from tqdm import tqdm
@@ -251,44 +371,73 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
     dataset_name, plans, dataset_json, raw_folder, pre_folder = _load_plans_and_dataset(
         dataset_name_or_id, configuration, plans_identifier)
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
-    cases = find_unlabeled_cases(os.path.join(raw_folder, "imagesUnlabeled"), dataset_json["file_ending"],
-                                 num_channels)
+    images_folder = os.path.join(raw_folder, "imagesUnlabeled")
+    cases = find_unlabeled_cases(images_folder, dataset_json["file_ending"], num_channels)
     labels = find_unlabeled_labels(os.path.join(raw_folder, LABELS_FOLDER), dataset_json["file_ending"], cases)
     cm = PlansManager(plans).get_configuration(configuration)
     out = os.path.join(pre_folder, unlabeled_folder_name(cm.data_identifier))
     info_file = out + INFO_SUFFIX
     info = {"dataset": dataset_name, "plans_identifier": plans_identifier, "configuration": configuration,
             "data_identifier": cm.data_identifier,
-            "configuration_fingerprint": configuration_fingerprint(plans, configuration)}
+            "configuration_fingerprint": configuration_fingerprint(plans, configuration),
+            "images_folder": os.path.abspath(images_folder), "file_ending": dataset_json["file_ending"],
+            "num_channels": num_channels}
+    rebuild = False
     if os.path.isdir(out):
         old = json.load(open(info_file)) if os.path.isfile(info_file) else None
-        if overwrite or old is None or old.get("configuration_fingerprint") != info["configuration_fingerprint"]:
-            if not overwrite:
-                print(f"{out} was made with other plans; rebuilding it")
-            shutil.rmtree(out)
+        rebuild = overwrite or old is None or old.get("configuration_fingerprint") != info["configuration_fingerprint"]
+        if rebuild and not overwrite:
+            print(f"{out} was made with other plans; rebuilding it")
+    finished = {} if rebuild or not os.path.isdir(out) else \
+        {f[:-4]: _recorded_properties(out, f[:-4]) for f in sorted(os.listdir(out))
+         if f.endswith(".pkl") and not f.startswith(".")}
+    removed = sorted(set(finished) - set(cases))
+    records, todo, why = {}, {}, {"new": [], "changed": [], "relabelled": [], "unrecorded": []}
+    for c, files in cases.items():
+        props = finished.get(c)
+        records[c] = image_records(files, props.get(IMAGES_PROPERTY) if props else None)
+        if props is None:
+            reason = "new"
+        elif props.get(IMAGES_PROPERTY) is None:
+            reason = "unrecorded"
+        elif not same_images(props[IMAGES_PROPERTY], records[c]):
+            reason = "changed"
+        elif props.get(LABEL_PROPERTY) != label_record(labels.get(c)):
+            reason = "relabelled"
+        else:
+            continue
+        todo[c] = files
+        why[reason].append(c)
+    check_unlabeled_images(todo, plans, configuration, progress)  # before anything is written
+    if rebuild:
+        shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     for f in os.listdir(out):  # leftovers of an interrupted run
         if f.startswith(".tmp_"):
             os.remove(os.path.join(out, f))
-    with open(info_file, "w") as f:
-        json.dump(info, f, indent=1)
-    todo, relabelled = {}, []
-    for c, files in cases.items():
-        recorded = _recorded_label(out, c)
-        if recorded is False:
-            todo[c] = files
-        elif recorded != label_record(labels.get(c)):
-            todo[c] = files
-            relabelled.append(c)
+    with open(info_file, "w") as f:  # "cases": None until the folder matches imagesUnlabeled again
+        json.dump({**info, "cases": None}, f, indent=1)
+    for c in removed:
+        for suffix in (".pkl", ".b2nd", "_seg.b2nd", LABEL_SUFFIX):
+            if os.path.isfile(os.path.join(out, c + suffix)):
+                os.remove(os.path.join(out, c + suffix))
+    if removed:
+        print(f"{len(removed)} case(s) removed from {out}: their image is no longer in {images_folder}: "
+              f"{_names(removed)}")
     if len(todo) < len(cases):
         print(f"{len(cases) - len(todo)} of {len(cases)} unlabeled cases already preprocessed in {out}; skipping them")
-    if relabelled:
-        print(f"{len(relabelled)} case(s) redone because their label in {LABELS_FOLDER} was added, changed or "
-              f"removed: {', '.join(relabelled[:5])}{', ...' if len(relabelled) > 5 else ''}")
+    for key, text in (("changed", f"their image in {images_folder} changed"),
+                      ("unrecorded", "the folder has no record of the image they were made from (written by an "
+                                     "older nnunet_sud)"),
+                      ("relabelled", f"their label in {LABELS_FOLDER} was added, changed or removed")):
+        if why[key]:
+            print(f"{len(why[key])} case(s) redone because {text}: {_names(why[key])}")
+    if why["new"] and finished:
+        print(f"{len(why['new'])} new case(s): {_names(why['new'])}")
     if labels:
         print(f"{len(labels)} of {len(cases)} unlabeled cases have a label in {LABELS_FOLDER} (used only to measure "
               f"the quality of training targets, never in a loss)")
-    args = [(c, files, out, plans, configuration, dataset_json, labels.get(c)) for c, files in todo.items()]
+    args = [(c, files, out, plans, configuration, dataset_json, labels.get(c), records[c]) for c, files in todo.items()]
     bar = tqdm(total=len(args), desc=f"Preprocessing unlabeled ({configuration})", disable=not progress)
     if num_processes <= 1 or len(args) <= 1:
         for a in args:
@@ -299,6 +448,8 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
             for _ in pool.imap_unordered(_star_preprocess_one, args):
                 bar.update()
     bar.close()
+    with open(info_file, "w") as f:
+        json.dump({**info, "cases": records}, f, indent=1)
     return out, len(args)
 
 
