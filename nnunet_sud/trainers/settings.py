@@ -37,7 +37,3 @@ class DerivedDefault:
 
     def __set__(self, obj, value):
         obj.__dict__[self.slot] = value
-
-    def is_overridden(self, obj) -> bool:
-        """True when ``obj`` has its own value (not the derived default)."""
-        return obj.__dict__.get(self.slot) is not None
