@@ -55,7 +55,7 @@ def test_sud2_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path):
     ckpt = _load(os.path.join(fold, "checkpoint_final.pth"))
     log = ckpt["logging"]
     assert len(log["latent_decorrelation"]) == 2 and all(0 <= v <= 1 for v in log["latent_decorrelation"])
-    assert log["beta"] == [pytest.approx(0.05)] * 2
+    assert log["beta"] == [1.0] * 2  # eq. 9: the target is R(F(f)) itself
     for k in ("prediction", "denoised", "target"):  # target quality (labelsUnlabeled of the synthetic data)
         assert len(log["target_dice/" + k]) == 2 and all(len(d) == 3 for d in log["target_dice/" + k]), k
     # the bottleneck wrapper keeps nnU-Net's state-dict keys: an ordinary nnU-Net model folder

@@ -130,9 +130,12 @@ def test_multistep_calls_the_denoiser_once_per_step_with_decreasing_noise(synthe
 
 
 def test_one_noise_free_step_is_suds_denoiser(synthetic3d):
-    from nnunet_sud.trainers import nnUNetTrainerSUD, nnUNetTrainerSUD2, nnUNetTrainerSUD2_decorr
-    sud, sud2 = make_trainer(synthetic3d, nnUNetTrainerSUD), make_trainer(synthetic3d, nnUNetTrainerSUD2_decorr)
-    assert (sud2.sigma2, sud2.denoise_steps) == (0.0, 1) and sud2.beta == sud.beta == pytest.approx(0.05)
+    from nnunet_sud.trainers import nnUNetTrainerSUD, nnUNetTrainerSUD2, nnUNetTrainerSUD2_decorr, \
+        nnUNetTrainerSUD_beta1
+    sud, sud2 = make_trainer(synthetic3d, nnUNetTrainerSUD_beta1), make_trainer(synthetic3d, nnUNetTrainerSUD2_decorr)
+    # SUD^2's target is the denoiser's output itself (eq. 9): beta 1, not SUD's 0.2 / lambda_max
+    assert (sud2.sigma2, sud2.denoise_steps) == (0.0, 1) and sud2.beta == sud.beta == 1.0
+    assert make_trainer(synthetic3d, nnUNetTrainerSUD).beta == pytest.approx(0.05)
     den = RecordingDenoiser(seed=5)
     sud.denoiser = sud2.denoiser = den
     f = _probs((2, 4, 4, 6, 6), 2)

@@ -41,6 +41,15 @@ only ``denoise`` changes (a(f) -> R(F(f)), so the target is beta R(F(f)) + (1 - 
 
     L_unl = D(z, f) + (lambda_2 / lambda_max) L_reg,     total  L_sup + lambda(t) L_unl
 
+beta = 1 (SUD's default is 0.2 / lambda_max = 0.05). SUD^2 writes SUD as L_paired + lambda_1
+||f - D(f)||^2 (eq. 2-3) and its eq. 9 gradient is 2 [f - D(f + nu_2)]: the pseudo-label is the
+denoiser's output itself, not a 5 % mix of it into f. With SUD's beta every change below would
+move the target by at most 5 % of |R(F(f)) - a(f)|, so the variants would hardly differ from SUD
+and from each other. The temporal average (alpha) is kept: the paper allows SUD "with or without
+temporal ensembling". The reference for the ablations is therefore SUD with the full denoiser
+target, ``nnUNetTrainerSUD_beta1`` (SUD^2 with none of the three changes); against it each variant
+changes the target by |R(F(f)) - a(f)| per voxel (changes 1, 3) or adds the penalty (change 2).
+
 lambda(t) ramps 0 -> lambda_max as in SUD, so the penalty ramps with the term it counteracts
 and reaches the paper's weights (lambda_1 = lambda_max, lambda_2) at the end of training.
 The paper gives no values; ours: sigma_2 = 1 (log-probability units; the denoiser was trained
@@ -130,6 +139,9 @@ def noisy_denoise(denoiser: nn.Module, probs: torch.Tensor, sigma: float, scale:
 class nnUNetTrainerSUD2(nnUNetTrainerSUD):
     """SUD^2 for segmentation (module doc). Class attributes select the changes."""
 
+    #: beta = 1: eq. 9 pulls f towards R(F(f)) itself (SUD^2 reads SUD as f -> D(f), eq. 2-3), not
+    #: towards SUD's 0.05 R(F(f)) + 0.95 f, which would dilute every change below to 5 %
+    beta = 1.0
     #: sigma_2, std of the noise added to the log-probabilities before the (first) denoiser call
     sigma2: float = 1.0
     #: spatial scale s of that noise (corruption.py; <= 1: per voxel, the paper's N(0, sigma_2^2 I))

@@ -24,6 +24,12 @@ class nnUNetTrainerSUD_beta0p5(nnUNetTrainerSUD):
     beta = 0.5
 
 
+class nnUNetTrainerSUD_beta1(nnUNetTrainerSUD):
+    """The full denoiser target z = alpha a(f) + (1 - alpha) z^- (Chan, Young, Metzler's reading of
+    SUD, eq. 2-3 of SUD^2): the reference of the SUD^2 ablations, which all use beta = 1."""
+    beta = 1.0
+
+
 class nnUNetTrainerSUD_lambda1(nnUNetTrainerSUD):
     lambda_max = 1.0  # beta = 0.2 / lambda_max = 0.2
 
