@@ -64,6 +64,6 @@ def test_converted_dataset_plans_and_preprocesses(tmp_path, nnunet_dirs):
                        if f.endswith(".pkl"))
     assert labeled == sorted(split["labeled"])
     assert unlabeled == sorted(split["unlabeled"])
-    # planning saw the labeled cases only (DESIGN.md §2)
+    # planning saw the labeled cases only (docs/design.md, Data flow)
     with open(os.path.join(pre, "dataset_fingerprint.json")) as f:
         assert len(json.load(f)["spacings"]) == 5

@@ -1,4 +1,4 @@
-"""The target-quality view (DESIGN.md §7): ``record_target_quality`` counts by hand, its logging
+"""The target-quality view (docs/design.md, Target quality): ``record_target_quality`` counts by hand, its logging
 (logger checkpoint, log file, progress.png, DDP sum), and the labels of unlabeled cases never
 entering a loss (bit-identical training with and without them)."""
 import copy

@@ -13,7 +13,7 @@ Layout written::
         imagesUnlabeled/    unlabeled cases          CASE_0000<ending>
         labelsUnlabeled/    the withheld labels of unlabeled cases (CASE<ending>), if any: preprocess-unlabeled
                             carries them so that trainers can measure the quality of their training targets;
-                            they never enter a loss (DESIGN.md §7)
+                            they never enter a loss (docs/design.md, Target quality)
         imagesTs/ labelsTs/ test cases (labelsTs only for test cases that have a label)
         splits_final.json   grouped 5-fold cross-validation (only when cases are grouped)
 """

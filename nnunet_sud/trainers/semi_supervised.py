@@ -17,7 +17,7 @@ with ``L_sup`` nnU-Net's own loss (deep supervision included), ``t`` the trainin
 * the training progress and the weight ramp;
 * logging of the unlabeled loss, weight and any schedule values into nnU-Net's log, its
   logger checkpoint and ``progress.png``;
-* the target-quality view (DESIGN.md §7): when some unlabeled cases have labels
+* the target-quality view (docs/design.md, Target quality): when some unlabeled cases have labels
   (``labelsUnlabeled``, carried by the stream as ``batch_u['seg']``), ``record_target_quality``
   scores what a method learns from (teacher, pseudo-label, stored target, ...) per class and
   logs the epoch's Dice as ``target_dice/<name>``. Those labels never enter a loss;
@@ -248,7 +248,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         out.update({k: float(logs[k]) for k in self.extra_log_keys})
         return out
 
-    # ------------------------------------------------------------------ target quality (DESIGN.md §7)
+    # ------------------------------------------------------------------ target quality (docs/design.md, Target quality)
     def target_classes(self) -> list:
         """Scored classes: foreground labels, or foreground regions (each a label or a tuple of labels)."""
         lm = self.label_manager

@@ -17,7 +17,7 @@ Output: ``nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled/CASE.b2nd, 
 
 Optional labels: ``nnUNet_raw/DatasetXXX/labelsUnlabeled/CASE<file_ending>`` (named like labelsTr)
 for some of the unlabeled images. They only measure how good the targets a semi-supervised
-method makes for itself are (DESIGN.md §7) and never enter a loss. For such a case the image and
+method makes for itself are (docs/design.md, Target quality) and never enter a loss. For such a case the image and
 ``CASE_seg.b2nd`` are written exactly as for a case without a label (so nothing the training sees
 depends on the label), and in addition ``CASE_label.b2nd`` holds the label preprocessed with its
 image exactly as nnU-Net preprocesses a labeled case (the plans' preprocessor
@@ -31,7 +31,7 @@ checks imagesTr (:mod:`nnunet_sud.unlabeled.integrity`): truncated gzip streams,
 images, NaN/Inf voxels and unreadable files stop the run with one error listing them all; images
 smaller than the patch size are reported as warnings.
 
-Planning and fingerprinting never see the unlabeled images (see DESIGN.md §2).
+Planning and fingerprinting never see the unlabeled images (docs/design.md, Data flow).
 """
 import hashlib
 import json
