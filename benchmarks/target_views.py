@@ -1,0 +1,149 @@
+"""What SUD-type targets are made of, on whole preprocessed slices of unlabeled cases with labels.
+
+For a trained segmenter and a trained label-map denoiser, on the preprocessed unlabeled cases that
+have a label (``labelsUnlabeled``, preprocessed by ``nnunet-sud preprocess-unlabeled``), without
+augmentation or test-time mirroring:
+
+    f                 the segmenter's softmax (nnU-Net's sliding window)
+    a(f)              the denoiser on f (SUD's spatial denoising, Young et al. eq. 8 with beta = 1)
+    SUD mix           0.05 a(f) + 0.95 f (SUD's default beta = 0.2 / lambda_max)
+    a(a(a(f)))        three noise-free denoiser passes (SUD^2's multi-step change alone)
+    a(F_1(f))         one pass after noise sigma = 1 (SUD^2's eq. 9, Chan, Young, Metzler)
+    R(F(f))           three passes at sigma 1, 0.5, 0 (SUD^2's multi-step denoising)
+
+and prints, per map, the mean per-case Dice per class and the pooled Dice against the labels,
+plus the mean total-variation distance of each map to a(f) (how far a variant moves the target).
+Use it on a validation split of the training pool (unlabeled cases whose labels were withheld),
+never on the test cases. Example (acdc3 of docs/benchmarks.md; every 7th unlabeled patient):
+
+    nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=... nnUNet_extTrainer=... \\
+    python benchmarks/target_views.py -d 611 -c 2d -f all -tr nnUNetTrainerSUD_bench \\
+        --denoiser $nnUNet_results/Dataset611_SSLQ_acdc3/nnUNetTrainerLabelDenoiser_bench__nnUNetPlans__2d/fold_all \\
+        --group-regex '^(patient\\d+)_' --every 7
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MAPS = ("f", "a(f)", "SUD mix 0.05", "a(a(a(f)))", "a(F_1(f))", "R(F(f)) 1,.5,0")
+
+
+def select_cases(keys, group_regex, every):
+    """Every ``every``-th group (patient) of the sorted keys, all of its cases."""
+    groups = sorted({re.match(group_regex, k).group(1) if group_regex else k for k in keys})[::every]
+    return [k for k in sorted(keys) if (re.match(group_regex, k).group(1) if group_regex else k) in groups]
+
+
+def pad_to_patch(p: torch.Tensor, patch):
+    """p (C, Z, *S): pad S to at least the patch with background; returns (padded, crop)."""
+    pads, crop = [], [slice(None), slice(None)]
+    for n, q in zip(p.shape[2:], patch):
+        d = max(0, q - n)
+        pads.append((d // 2, d - d // 2))
+        crop.append(slice(d // 2, d // 2 + n))
+    flat = [v for pr in reversed(pads) for v in pr]
+    out = torch.nn.functional.pad(p, flat, value=0.0)
+    out[0][out.sum(0) == 0] = 1.0
+    return out, tuple(crop)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-d", required=True, help="dataset name or id")
+    ap.add_argument("-c", required=True, help="configuration (2d: the denoiser runs per slice)")
+    ap.add_argument("-f", default="all", help="fold of the segmenter")
+    ap.add_argument("-tr", required=True, help="segmenter trainer")
+    ap.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    ap.add_argument("--denoiser", required=True, help="denoiser checkpoint or fold folder")
+    ap.add_argument("--group-regex", default=None, help="regex whose group 1 names a case's group (patient)")
+    ap.add_argument("--every", type=int, default=1, help="use every N-th group of the labelled unlabeled cases")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the noise of the noisy variants")
+    ap.add_argument("-o", default=None, help="write per-case results to this JSON file")
+    a = ap.parse_args(argv)
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+    from nnunet_sud.denoiser.corruption import corrupt_probabilities, denoiser_input
+    from nnunet_sud.denoiser.evaluation import DenoiserEvaluator
+    from nnunet_sud.denoiser.loading import load_denoiser_checkpoint
+    from nnunet_sud.unlabeled.loader import cases_with_labels, open_case_label, unlabeled_identifiers
+    from nnunet_sud.unlabeled.preprocess import unlabeled_folder_name
+
+    dname = maybe_convert_to_dataset_name(a.d)
+    model = os.path.join(nnUNet_results, dname, f"{a.tr}__{a.p}__{a.c}")
+    pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                           perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                           allow_tqdm=False)
+    pred.initialize_from_trained_model_folder(model, (a.f if a.f == "all" else int(a.f),), "checkpoint_final.pth")
+    ckpt = a.denoiser if a.denoiser.endswith(".pth") else os.path.join(a.denoiser, "checkpoint_final.pth")
+    den, info = load_denoiser_checkpoint(ckpt)
+    ev = DenoiserEvaluator(den, info["plans_manager"], info["configuration_manager"], info["dataset_json"],
+                           torch.device("cpu"))
+    folder = os.path.join(nnUNet_preprocessed, dname,
+                          unlabeled_folder_name(pred.configuration_manager.data_identifier))
+    ds = infer_dataset_class(folder)(folder, unlabeled_identifiers(folder))
+    keys = select_cases(cases_with_labels(folder, ds.identifiers), a.group_regex, a.every)
+    if not keys:
+        raise SystemExit(f"no unlabeled case with a label in {folder} (labelsUnlabeled)")
+    labels = [int(x) for x in pred.label_manager.foreground_labels]
+    gen = torch.Generator().manual_seed(a.seed)
+
+    def denoise(p, sigma=0.0):  # whole case (C, Z, *S); 2d noise per slice as in the denoiser's training
+        x = corrupt_probabilities(p.transpose(0, 1), sigma, 1.0, generator=gen).transpose(0, 1) if sigma > 0 \
+            else denoiser_input(p)
+        return torch.softmax(ev.denoise(x), 0)
+
+    per_case = {m: [] for m in MAPS}
+    move = {m: [] for m in MAPS}
+    inter = {m: np.zeros(len(labels)) for m in MAPS}
+    total = {m: np.zeros(len(labels)) for m in MAPS}
+    ref_total = np.zeros(len(labels))
+    for k in keys:
+        data, _, _, _ = ds.load_case(k)
+        seg = np.asarray(open_case_label(folder, k))[0]
+        seg = np.where(seg < 0, 0, seg)
+        with torch.no_grad():
+            f = torch.softmax(pred.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(data))).float(), 0)
+            fp, crop = pad_to_patch(f, info["configuration_manager"].patch_size)
+            af = denoise(fp)
+            maps = {"f": fp, "a(f)": af, "SUD mix 0.05": 0.05 * af + 0.95 * fp, "a(a(a(f)))": denoise(denoise(af)),
+                    "a(F_1(f))": denoise(fp, 1.0), "R(F(f)) 1,.5,0": denoise(denoise(denoise(fp, 1.0), 0.5))}
+        for m, v in maps.items():
+            v = v[crop]
+            move[m].append(float((v - af[crop]).abs().sum(0).mean() / 2))
+            s = v.argmax(0).numpy()
+            dices = []
+            for i, c in enumerate(labels):
+                tp, n_p, n_r = np.sum((s == c) & (seg == c)), np.sum(s == c), np.sum(seg == c)
+                inter[m][i] += tp
+                total[m][i] += n_p
+                dices.append(2 * tp / (n_p + n_r) if n_p + n_r else np.nan)
+            per_case[m].append(dices)
+        ref_total += [np.sum(seg == c) for c in labels]
+        print(k, " ".join(f"{m}: {np.nanmean(per_case[m][-1]):.3f}" for m in MAPS), flush=True)
+
+    names = "/".join(str(v) for v in labels)
+    print(f"\n{a.tr} on {len(keys)} labelled unlabeled cases (whole slices, no mirroring)\n")
+    print(f"| map | mean case Dice {names} | mean | pooled Dice {names} | mean TV distance to a(f) |")
+    print("|---|---|---:|---|---:|")
+    for m in MAPS:
+        pc = np.nanmean(np.array(per_case[m], float), 0)
+        pooled = 2 * inter[m] / (total[m] + ref_total)
+        print(f"| {m} | {'/'.join(f'{v:.3f}' for v in pc)} | {np.nanmean(pc):.3f} | "
+              f"{'/'.join(f'{v:.3f}' for v in pooled)} | {np.mean(move[m]):.4f} |")
+    if a.o:
+        with open(a.o, "w") as fh:
+            json.dump({"trainer": a.tr, "cases": keys, "labels": labels, "per_case": per_case, "move": move}, fh)
+
+
+if __name__ == "__main__":
+    main()
