@@ -434,3 +434,107 @@ def test_uamt_and_dae_refuse_region_based_labels(synthetic3d):
             plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
             plans["continue_training"] = False
             cls(plans, "3d_fullres", 0, ds, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------- feature dropout (UA-MT's V-Net)
+def _captured_bottleneck(net, x):
+    """Run net on x and return what the decoder received as the bottleneck (after the hooks)."""
+    seen = {}
+    h = net.decoder.register_forward_pre_hook(lambda mod, args: seen.setdefault("skips", args[0]))
+    out = net(x)
+    h.remove()
+    return seen["skips"][-1], out
+
+
+def test_feature_dropout_drops_whole_bottleneck_channels_in_train_mode_only(synthetic3d):
+    from nnunet_sud.trainers import nnUNetTrainerMeanTeacher_noDropout
+    from nnunet_sud.trainers.teacher import add_feature_dropout
+    tr = make_trainer(nnUNetTrainerMeanTeacher_noDropout, synthetic3d)
+    tr.initialize()
+    net = tr.plain_network()
+    keys = list(net.state_dict())
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, *tr.configuration_manager.patch_size)
+    net.train()
+    clean, clean_out = _captured_bottleneck(net, x)
+    handles = add_feature_dropout(net, 0.5)
+    assert list(net.state_dict()) == keys  # no module or state-dict change: model folders stay ordinary
+    torch.manual_seed(1)
+    dropped, out1 = _captured_bottleneck(net, x)
+    # every (sample, channel) of the bottleneck is either zero or the clean one scaled by 1 / (1 - p)
+    per_channel = dropped.flatten(2)
+    zero = (per_channel == 0).all(-1)
+    assert torch.allclose(per_channel[~zero], 2 * clean.flatten(2)[~zero], atol=1e-5)
+    assert 0.3 < zero.float().mean() < 0.7, zero.float().mean()  # about p of 4 x 320 channels
+    torch.manual_seed(2)
+    _, out2 = _captured_bottleneck(net, x)
+    assert not torch.allclose(out1[0], out2[0])  # stochastic in train mode
+    net.eval()
+    with torch.no_grad():
+        ev = net(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        ev_plain = net(x)
+    assert torch.equal(ev[0] if isinstance(ev, (list, tuple)) else ev,
+                       ev_plain[0] if isinstance(ev_plain, (list, tuple)) else ev_plain)  # eval: identity
+    net.train()
+    torch.manual_seed(1)
+    _, out_removed = _captured_bottleneck(net, x)
+    assert torch.allclose(out_removed[0], clean_out[0], atol=1e-6)  # removed hooks leave the clean network
+
+
+def test_mean_teacher_family_perturbs_student_and_teacher_by_dropout(synthetic3d):
+    """MT, UA-MT and DAE-MT default to p = 0.5 in student and teacher (the teacher copies the hooks);
+    the _noDropout variant and a setting changed after __init__ are honoured; invalid p stops early."""
+    from nnunet_sud.trainers import (nnUNetTrainerDAEUncertainty, nnUNetTrainerMeanTeacher,
+                                     nnUNetTrainerMeanTeacher_noDropout, nnUNetTrainerUAMT)
+    for cls in (nnUNetTrainerMeanTeacher, nnUNetTrainerUAMT, nnUNetTrainerDAEUncertainty):
+        assert make_trainer(cls, synthetic3d).feature_dropout == 0.5, cls.__name__
+    x = torch.randn(2, 1, *make_trainer(nnUNetTrainerMeanTeacher, synthetic3d).configuration_manager.patch_size)
+
+    def two_passes(tr):
+        outs = []
+        for seed in (3, 4):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                outs.append((tr.student_logits(x), tr.teacher_logits(x)))
+        return outs
+
+    mt = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    mt.initialize()
+    (s1, t1), (s2, t2) = two_passes(mt)
+    assert not torch.allclose(s1, s2) and not torch.allclose(t1, t2)
+    plain = make_trainer(nnUNetTrainerMeanTeacher_noDropout, synthetic3d)
+    plain.initialize()
+    (s1, t1), (s2, t2) = two_passes(plain)
+    assert torch.equal(s1, s2) and torch.equal(t1, t2)
+    late = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    late.feature_dropout = 0.0  # a user's variant after super().__init__()
+    late.initialize()
+    (s1, _), (s2, _) = two_passes(late)
+    assert torch.equal(s1, s2)
+    bad = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    bad.feature_dropout = 1.0
+    with pytest.raises(UserFacingError, match="feature_dropout"):
+        bad.initialize()
+
+
+def test_uamt_logs_mc_spread_and_uncertainty_where_the_teacher_is_wrong(synthetic3d):
+    from nnunet_sud.trainers import nnUNetTrainerUAMT
+    tr = make_trainer(nnUNetTrainerUAMT, synthetic3d)
+    tr.unlabeled_cases_with_labels = ["case"]
+    # 2 x 3 voxels, 2 classes; teacher argmax per voxel: 1 0 1 / 0 0 1
+    p0 = torch.tensor([[[0.2, 0.9, 0.4], [0.6, 0.8, 0.1]]])          # class 0 probability (B=1, Y=2, X=3)
+    p_t = torch.stack([p0, 1 - p0], 1)                                 # (1, 2, 2, 3)
+    u = torch.tensor([[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]])
+    seg = torch.tensor([[[1, 1, -1], [0, 1, 1]]], dtype=torch.int16)    # -1: no label there
+    valid = torch.tensor([[[True, True, True], [True, True, False]]])
+    # known and valid: (0,0) right, (0,1) wrong, (1,0) right, (1,1) wrong; (0,2) unknown, (1,2) padding
+    tr.record_uncertainty_split({"seg": seg, "valid": valid}, p_t, u)
+    tr.record_uncertainty_split({"seg": seg, "valid": valid}, p_t, u)  # accumulates over the epoch
+    assert tr._uncertainty_split.tolist() == pytest.approx([2 * (0.2 + 0.5), 4, 2 * (0.1 + 0.4), 4])
+    tr.unlabeled_cases_with_labels = []
+    tr._uncertainty_split = None
+    tr.record_uncertainty_split({"seg": seg, "valid": valid}, p_t, u)
+    assert tr._uncertainty_split is None  # nothing to score without labelsUnlabeled

@@ -112,7 +112,8 @@ def test_mean_teacher_family_trains_resumes_and_predicts(synthetic3d, tiny_denoi
     assert type(predictor.network).__name__ == "PlainConvUNet"
 
     # ---- UA-MT and DAE uncertainty: train, log their terms, predict with the student
-    for tr, keys in (("nnUNetTrainerUAMT_tiny", ("mask_fraction", "uncertainty_threshold", "uncertainty_mean")),
+    for tr, keys in (("nnUNetTrainerUAMT_tiny", ("mask_fraction", "uncertainty_threshold", "uncertainty_mean",
+                                                 "mc_spread", "uncertainty_teacher_wrong", "uncertainty_teacher_right")),
                      ("nnUNetTrainerDAEUncertainty_tiny", ("reliability_mean", "uncertainty_mean"))):
         run_cmd(train + [tr], env=env)
         ck = _ckpt(_base(results, name, tr))
@@ -124,6 +125,8 @@ def test_mean_teacher_family_trains_resumes_and_predicts(synthetic3d, tiny_denoi
         assert side["ema_step"] == 2
         predictor, _ = _predict_in_process(synthetic3d, _base(results, name, tr))
         assert type(predictor.network).__name__ == "PlainConvUNet"
+        if "UAMT" in tr:  # feature dropout (0.5 in student and teacher) makes the K teacher passes differ
+            assert ck["logging"]["mc_spread"][0] > 1e-4
     dae_mask = ck["logging"]["reliability_mean"][0]
     assert 0 < dae_mask <= 1
 

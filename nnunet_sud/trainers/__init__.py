@@ -12,7 +12,7 @@ from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised  # n
 from nnunet_sud.trainers.unlabeled_stats import nnUNetTrainerUnlabeledStats  # noqa: F401
 from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser  # noqa: F401
 from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase  # noqa: F401
-from nnunet_sud.trainers.mean_teacher import nnUNetTrainerMeanTeacher  # noqa: F401
+from nnunet_sud.trainers.mean_teacher import nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacher_noDropout  # noqa: F401
 from nnunet_sud.trainers.uamt import nnUNetTrainerUAMT, nnUNetTrainerUAMT_lnC  # noqa: F401
 from nnunet_sud.trainers.dae_uncertainty import *  # noqa: F401,F403  (nnUNetTrainerDAEUncertainty + ablation variants)
 from nnunet_sud.trainers.post_denoise import nnUNetTrainerPostDenoise  # noqa: F401

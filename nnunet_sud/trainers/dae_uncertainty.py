@@ -70,6 +70,9 @@ class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
         self.kappa = 1.0
         #: "mean" over classes as MT and UA-MT (equal lambda, equal weight); "sum": the paper's ||.||^2
         self.consistency_class_reduction = "mean"
+        #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
+        #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
+        self.feature_dropout = 0.5
         self.denoiser = None
 
     # ------------------------------------------------------------------ the denoiser

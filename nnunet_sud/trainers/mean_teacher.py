@@ -33,6 +33,9 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerMeanTeacherBase):
         super().__init__(plans, configuration, fold, dataset_json, device)
         #: 'mean' over classes as the reference code's element-wise MSE; 'sum' gives ||p_s - p_t||^2
         self.consistency_class_reduction = "mean"
+        #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
+        #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
+        self.feature_dropout = 0.5
 
     def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor, valid: Optional[torch.Tensor] = None):
         """L_c = mean over image voxels of the squared softmax difference.
@@ -49,3 +52,12 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerMeanTeacherBase):
         p_t = self.probabilities(self.teacher_logits(self.perturb(x)))   # f(x + xi; theta_t)
         self.record_target_quality(batch_u, student=p_s, teacher=p_t)
         return self.consistency_loss(p_s, p_t, batch_u["valid"]), {}
+
+
+class nnUNetTrainerMeanTeacher_noDropout(nnUNetTrainerMeanTeacher):
+    """Mean teacher without feature dropout: student and teacher differ only by the teacher's input
+    noise and the EMA (the behaviour before dropout was added; an ablation of the perturbation)."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.feature_dropout = 0.0

@@ -13,11 +13,18 @@ copies the student -- UA-MT passes its iteration counter before incrementing it;
 al.'s code passes the incremented step (first a = 0.5). ``ema_warmup = False`` uses a constant
 ``decay``. Floating-point buffers (BatchNorm running statistics, if any) are averaged like
 parameters, other buffers copied. nnU-Net's networks use InstanceNorm without running statistics
-and no dropout, so their forward does not depend on train/eval mode; the teacher is kept in
-train mode like the student, as in the reference code (``ema_teacher_train_mode``).
+and no dropout. UA-MT's reference V-Net has channel dropout (p = 0.5) on the bottleneck and on the
+last decoder features, active in the student's and the teacher's passes (both in train mode), and
+that dropout is what makes student and teacher see different networks and UA-MT's K teacher
+passes differ. ``add_feature_dropout`` puts the same two dropouts into an nnU-Net U-Net as forward
+hooks (no module and no state-dict key changes, so model folders stay ordinary and
+``nnUNetv2_predict``, in eval mode, is unaffected); ``feature_dropout`` (0.5 for MT, UA-MT and
+DAE-MT, 0 for the base) switches it on. The teacher is kept in train mode like the student, as in
+the reference code (``ema_teacher_train_mode``), so its dropout is active too.
 
 What lives here
     ``unwrap_network(net)``         the plain module inside torch.compile / DDP wrappers
+    ``add_feature_dropout(net, p)`` UA-MT's two channel dropouts as hooks of an nnU-Net U-Net
     ``EMATeacher``                  the teacher copy, its update, its state
     ``nnUNetTrainerMeanTeacherBase`` an ``nnUNetTrainerSemiSupervised`` that owns an ``EMATeacher``
                                     of ``self.network``: created in ``initialize`` (so ``--c``
@@ -77,6 +84,41 @@ def set_deep_supervision(module: nn.Module, enabled: bool) -> None:
     decoder = getattr(module, "decoder", None)
     if decoder is not None and hasattr(decoder, "deep_supervision"):
         decoder.deep_supervision = enabled
+
+
+def channel_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout of whole feature channels (``nn.Dropout2d``/``Dropout3d``) of x (B, C, *S), S 2d or 3d."""
+    if not training or p == 0:
+        return x
+    drop = torch.nn.functional.dropout3d if x.ndim == 5 else torch.nn.functional.dropout2d
+    return drop(x, p, training=True)
+
+
+def add_feature_dropout(module: nn.Module, p: float) -> list:
+    """UA-MT's perturbation (Yu et al., "Uncertainty-aware self-ensembling model for semi-supervised
+    3D left atrium segmentation", MICCAI 2019, reference V-Net): channel dropout with probability p on
+    the encoder's last output (the bottleneck) and on the input of the full-resolution segmentation
+    layer, active while the module is in train mode.
+
+    module: an nnU-Net style U-Net (``encoder`` returning its skips, ``decoder.seg_layers``), not
+    wrapped (see ``unwrap_network``). Adds a forward hook and a forward pre-hook; the modules,
+    parameters and state dict stay as they are. Returns the hook handles (``.remove()`` undoes it).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"feature dropout probability must be in [0, 1), got {p}")
+    encoder, decoder = getattr(module, "encoder", None), getattr(module, "decoder", None)
+    if encoder is None or not hasattr(decoder, "seg_layers"):
+        raise ValueError(f"{type(module).__name__} is not an nnU-Net style U-Net (encoder, decoder.seg_layers)")
+
+    def bottleneck(mod, inputs, skips):
+        skips = list(skips)
+        skips[-1] = channel_dropout(skips[-1], p, mod.training)
+        return skips
+
+    def before_head(mod, inputs):
+        return (channel_dropout(inputs[0], p, mod.training), *inputs[1:])
+
+    return [encoder.register_forward_hook(bottleneck), decoder.seg_layers[-1].register_forward_pre_hook(before_head)]
 
 
 class EMATeacher:
@@ -164,6 +206,8 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
         ema_teacher_train_mode = True       mode of the teacher copy (see module doc)
         teacher_noise_std = 0.1             UA-MT's teacher input noise: clip(N(0, 0.1^2), +-0.2)
         teacher_noise_clip = 0.2
+        feature_dropout = 0.0               p of ``add_feature_dropout`` in student and teacher (0: none;
+                                            MT, UA-MT and DAE-MT use the reference's 0.5)
         unlabeled_weight = GaussianRampUp(0.1)   lambda_c(t) = 0.1 exp(-5 (1 - t)^2)
 
     A method subclass implements ``unlabeled_loss(batch_u)`` with the helpers
@@ -180,6 +224,7 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
         self.ema_teacher_train_mode = True
         self.teacher_noise_std = 0.1
         self.teacher_noise_clip = 0.2
+        self.feature_dropout = 0.0
         self.unlabeled_weight = GaussianRampUp(0.1)
         self.teacher: EMATeacher = None
         self._teacher_restored = False
@@ -189,8 +234,24 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
         """``self.network`` without torch.compile/DDP wrappers (shares the parameters)."""
         return unwrap_network(self.network)
 
+    def check_settings(self):
+        super().check_settings()
+        if not 0.0 <= float(self.feature_dropout) < 1.0:
+            raise UserFacingError(f"{type(self).__name__}.feature_dropout (the dropout probability of student and "
+                                  f"teacher) must be in [0, 1), got {self.feature_dropout}")
+
     def initialize(self):
         super().initialize()
+        if self.feature_dropout > 0:  # read here: --c initializes before on_train_start's checks
+            self.check_settings()
+            try:
+                add_feature_dropout(self.plain_network(), float(self.feature_dropout))
+            except ValueError as e:
+                raise UserFacingError(f"{type(self).__name__}: feature_dropout = {self.feature_dropout} needs an "
+                                      f"nnU-Net style U-Net ({e}). Set feature_dropout = 0 for this network.")
+            self.print_to_log_file(f"feature dropout p = {self.feature_dropout} on the bottleneck and before the "
+                                   f"output layer, student and teacher")
+        # the teacher is a copy of the student, hooks included
         self.teacher = EMATeacher(self.network, self.ema_decay, self.ema_warmup, self.ema_teacher_train_mode)
 
     def on_train_start(self):

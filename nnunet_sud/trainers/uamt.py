@@ -35,6 +35,7 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch import distributed as dist
 
 from nnunet_sud.losses.consistency import masked_mean, mc_entropy, threshold_mask, weighted_consistency
 from nnunet_sud.schedules import GaussianRampBetween
@@ -44,7 +45,7 @@ from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
 class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
     """Mean teacher whose consistency is restricted to voxels of low Monte-Carlo uncertainty."""
 
-    extra_log_keys = ("uncertainty_threshold", "mask_fraction", "uncertainty_mean")
+    extra_log_keys = ("uncertainty_threshold", "mask_fraction", "uncertainty_mean", "mc_spread")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -59,6 +60,9 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
         #: the threshold's scale ln(threshold_classes): 2 as the reference (whatever C is); None: ln C
         self.threshold_classes: Optional[int] = 2
         self.consistency_class_reduction = "mean"
+        #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
+        #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
+        self.feature_dropout = 0.5
 
     # ------------------------------------------------------------------ the terms
     def uncertainty_threshold(self, t: float) -> float:
@@ -118,9 +122,46 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
         valid = batch_u["valid"]
         loss, u, mask, threshold = self.consistency_loss(p_s, p_t, p_k, self.training_progress(), valid)
         self.record_target_quality(batch_u, {"teacher_certain": mask}, student=p_s, teacher=p_t, teacher_certain=p_t)
+        self.record_uncertainty_split(batch_u, p_t, u)
         image = valid.to(u.device)
         return loss, {"uncertainty_threshold": threshold, "mask_fraction": masked_mean(mask, image),
-                      "uncertainty_mean": masked_mean(u, image)}
+                      "uncertainty_mean": masked_mean(u, image), "mc_spread": masked_mean(p_k.std(0).mean(1), image)}
+
+    # ------------------------------------------------------------------ is U where the teacher errs?
+    @torch.no_grad()
+    def record_uncertainty_split(self, batch_u: dict, p_t: torch.Tensor, u: torch.Tensor) -> None:
+        """Accumulate U over image voxels with a label (labelsUnlabeled) where the teacher's argmax is
+        wrong and where it is right; logged per epoch as ``uncertainty_teacher_wrong``/``_right``.
+        p_t (B, C, *patch), u (B, *patch). The labels never enter the loss."""
+        seg = batch_u.get("seg")
+        if seg is None or not self.unlabeled_cases_with_labels:
+            return
+        seg = seg.to(u.device).long()
+        seg = seg[:, 0] if seg.ndim == u.ndim + 1 else seg
+        known = (seg >= 0) & batch_u["valid"].to(u.device)
+        agree = p_t.argmax(1) == seg
+        wrong, right = known & ~agree, known & agree
+        sums = torch.stack([u[wrong].sum(), wrong.sum(), u[right].sum(), right.sum()]).double()
+        self._uncertainty_split = sums if getattr(self, "_uncertainty_split", None) is None \
+            else self._uncertainty_split + sums
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        sums = getattr(self, "_uncertainty_split", None)
+        if sums is None:
+            return
+        if self.is_ddp:
+            dist.all_reduce(sums)
+        u_wrong, n_wrong, u_right, n_right = sums.cpu().tolist()
+        local = self.logger.local_logger
+        for key, total, n in (("uncertainty_teacher_wrong", u_wrong, n_wrong),
+                              ("uncertainty_teacher_right", u_right, n_right)):
+            local.register(key, self.current_epoch)
+            self.logger.log(key, total / n if n else float("nan"), self.current_epoch)
+        self.print_to_log_file(
+            f"uncertainty where the teacher is wrong {u_wrong / max(n_wrong, 1):.4f} ({int(n_wrong)} voxels), "
+            f"right {u_right / max(n_right, 1):.4f} ({int(n_right)} voxels)")
+        self._uncertainty_split = None
 
 
 class nnUNetTrainerUAMT_lnC(nnUNetTrainerUAMT):
