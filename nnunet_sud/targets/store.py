@@ -34,14 +34,22 @@ become repeatedly smoothed copies of themselves.
 
 Storage: one ``.npy`` file per case (``(C, Z, Y, X)``, float16 by default, NaN = never written),
 memory-mapped, opened for each access: memory does not grow with the number of cases (the OS
-page cache holds what is hot). A new case file is created under a temporary name and renamed,
-and each update stores whole voxels of valid probabilities, so a killed process leaves a usable
-store (a region may hold a mix of the old and the new targets). ``snapshot``/``restore`` copy
-the store beside a checkpoint so that ``--c`` resumes with exactly the store of that checkpoint.
+page cache holds what is hot). A new case file is created under a temporary name and linked
+into place (never over a file another process created meanwhile), and each update stores whole
+voxels of valid probabilities, so a killed process leaves a usable store (a region may hold a mix
+of the old and the new targets). ``snapshot``/``restore`` copy the store beside a checkpoint so
+that ``--c`` resumes with exactly the store of that checkpoint.
+
+Several processes (DDP ranks) may share one store: ``update`` holds an exclusive lock
+(``flock``) on the case file from reading its block to writing it back, ``read`` a shared one
+while it copies its block, so two ranks updating the same case apply both updates, one after the
+other (without the lock, the block one rank writes back could undo what the other wrote inside it
+meanwhile). On systems without ``fcntl`` (Windows) there is no lock: one process only.
 
 Shapes: keys (B,), coords (B, 3, *P) case voxel (z, y, x), valid (B, *P) bool,
 values (B, C, *P); P is the patch (2 or 3 axes).
 """
+import contextlib
 import os
 import shutil
 from typing import Sequence
@@ -50,6 +58,25 @@ import numpy as np
 import torch
 
 from nnunet_sud.unlabeled.coordinates import sample_case_field
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locks (a store used by one process only)
+    fcntl = None
+
+
+@contextlib.contextmanager
+def case_lock(path: str, exclusive: bool):
+    """Hold an advisory lock on the file ``path`` (exclusive: for writers; shared: for readers)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class SoftTargetStore:
@@ -75,7 +102,15 @@ class SoftTargetStore:
             arr[:] = np.nan
             arr.flush()
             del arr
-            os.replace(tmp, path)
+            try:
+                os.link(tmp, path)  # atomic, and fails if another process created the case meanwhile
+            except FileExistsError:
+                pass  # theirs is used: replacing it would drop what they have written into it
+            except OSError:  # a file system without hard links
+                if not os.path.isfile(path):
+                    os.replace(tmp, path)
+            if os.path.exists(tmp):
+                os.remove(tmp)
         arr = np.load(path, mmap_mode="r+")
         if arr.shape != (self.num_classes, *map(int, case_shape)):
             raise RuntimeError(f"soft target file {path} has shape {arr.shape}, expected "
@@ -115,7 +150,9 @@ class SoftTargetStore:
                 continue
             pts = coords[i][:, v]  # (3, N)
             lo, hi = self._block(pts, arr.shape[1:], margin=1)
-            block = torch.from_numpy(np.asarray(arr[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32))
+            with case_lock(self.case_file(keys[i]), exclusive=False):
+                block = np.asarray(arr[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], dtype=np.float32)
+            block = torch.from_numpy(block)
             written = torch.isfinite(block).all(0, keepdim=True).float()
             field = torch.cat([torch.nan_to_num(block) * written, written]).to(coords.device)
             local = pts - lo.to(pts.dtype)[:, None]
@@ -150,26 +187,27 @@ class SoftTargetStore:
             size = (hi - lo).tolist()
             local = pts - lo.to(pts.dtype)[:, None]
             sl = (slice(None), slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-            block = np.asarray(arr[sl], dtype=np.float32)
             rounded = local.round()
             if (local - rounded).abs().max() < 1e-3:
                 # unwarped patch (crop + mirroring): one case voxel per patch voxel, exact
                 idx = tuple(rounded.long().cpu().numpy())
-                new = np.zeros_like(block)
+                new = np.zeros((self.num_classes, *size), dtype=np.float32)
                 new[(slice(None),) + idx] = values[i][:, v].cpu().numpy()
-                where = np.zeros(block.shape[1:], dtype=bool)
+                where = np.zeros(size, dtype=bool)
                 where[idx] = True
             else:
                 res = self._inverse_warp(self._local_coords(coords[i], lo), values[i], valid[i], size)
                 new, where = res if res is not None else self._splat(local, values[i][:, v], size)
             if not where.any():
                 continue
-            old = block[:, where]
             new = new[:, where]
-            seen = np.isfinite(old).all(0)
-            block[:, where] = np.where(seen, (1 - alpha) * old + alpha * new, new)  # exact at alpha 0 and 1
-            arr[sl] = block
-            arr.flush()
+            with case_lock(self.case_file(keys[i]), exclusive=True):  # read, blend, write back: one update
+                block = np.asarray(arr[sl], dtype=np.float32)
+                old = block[:, where]
+                seen = np.isfinite(old).all(0)
+                block[:, where] = np.where(seen, (1 - alpha) * old + alpha * new, new)  # exact at alpha 0 and 1
+                arr[sl] = block
+                arr.flush()
 
     @staticmethod
     def _local_coords(coords: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,10 @@ their optimiser/schedule/AMP scaler and checkpoint state, and access to the labe
     i.e. after the segmenter's update, as SegMatch's Algorithm 1 (lines 7-9).
     ``frozen_discriminator()`` is a context in which a forward gives gradients to its
     inputs (the segmenter) but none to the discriminator (DMNet's L_adv).
+    Multi-GPU (DDP): the discriminator is not wrapped in DDP (after a ``frozen_discriminator``
+    forward DDP would expect gradients that never come); instead its initial weights are
+    broadcast from rank 0 and its gradients averaged over the processes before each step
+    (``nnunet_sud.trainers.distributed``), so it stays identical on every process.
 
 ``LabeledBatchMixin``
     ``self.labeled_step`` holds the labeled batch of the current step on the device
@@ -37,6 +41,7 @@ import torch
 from torch import nn
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.trainers.distributed import average_gradients, broadcast_module
 
 
 # ---------------------------------------------------------------------- networks
@@ -184,6 +189,7 @@ class DiscriminatorMixin:
             return
         from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
         self.discriminator = self.build_discriminator().to(self.device)
+        broadcast_module(self.discriminator)  # DDP: every process starts from rank 0's initialisation
         self.discriminator_optimizer = torch.optim.Adam(
             self.discriminator.parameters(), self.discriminator_lr, betas=tuple(self.discriminator_betas),
             weight_decay=self.discriminator_weight_decay)
@@ -230,12 +236,13 @@ class DiscriminatorMixin:
             return
         opt = self.discriminator_optimizer
         opt.zero_grad(set_to_none=True)  # also drops anything the segmenter's backward left there
-        if self.discriminator_grad_scaler is not None:
-            self.discriminator_grad_scaler.scale(loss).backward()
-            self.discriminator_grad_scaler.step(opt)
-            self.discriminator_grad_scaler.update()
+        scaler = self.discriminator_grad_scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        average_gradients(self.discriminator.parameters())  # DDP: the same step on every process
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
         else:
-            loss.backward()
             opt.step()
 
     # ------------------------------------------------------------------ checkpoint state

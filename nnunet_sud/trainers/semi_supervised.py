@@ -24,7 +24,10 @@ with ``L_sup`` nnU-Net's own loss (deep supervision included), ``t`` the trainin
 * extra state in checkpoints: written beside each nnU-Net checkpoint as
   ``<checkpoint>_extra_state.pth`` (atomically, before the checkpoint itself), restored by
   ``--c``, the one of ``checkpoint_latest`` removed with it at the end of training;
-* clear errors, before anything is built, when the unlabeled data is missing or stale.
+* clear errors, before anything is built, when the unlabeled data is missing or stale;
+* multi-GPU (DDP): each process draws its share of the unlabeled batch, logged values are means
+  over all processes' steps, target-quality counts are summed over them
+  (``nnunet_sud.trainers.distributed``).
 
 Inference is untouched: model folders of subclasses are ordinary nnU-Net model folders.
 """
@@ -42,6 +45,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.schedules import LinearRamp
+from nnunet_sud.trainers.distributed import batch_share, gather_concatenated
 from nnunet_sud.trainers.logging import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
 from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, cases_with_labels, make_augmenter, unlabeled_identifiers
 from nnunet_sud.unlabeled.preprocess import (INFO_SUFFIX, check_against_raw, configuration_fingerprint,
@@ -72,7 +76,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        #: unlabeled patches per labeled batch (None: the labeled batch size)
+        #: unlabeled patches per step, over all processes like the plans' batch size (None: the
+        #: labeled batch size); under DDP each process draws its share (``unlabeled_batch_size_here``)
         self.unlabeled_batch_size = None
         #: w(t), weight of the unlabeled loss as a function of training progress t in [0, 1]
         self.unlabeled_weight = LinearRamp(0.0, 1.0)
@@ -163,6 +168,20 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
 
+    def unlabeled_batch_size_here(self) -> int:
+        """Unlabeled patches this process draws per step: its share of ``unlabeled_batch_size``,
+        split over the DDP processes as nnU-Net splits the labeled batch (so that the ratio of
+        unlabeled to labeled patches does not depend on the number of GPUs); None: the labeled
+        batch of this process."""
+        if self.unlabeled_batch_size is None:
+            return self.batch_size
+        world = dist.get_world_size() if self.is_ddp else 1
+        if int(self.unlabeled_batch_size) < world:
+            raise UserFacingError(
+                f"{type(self).__name__}.unlabeled_batch_size = {self.unlabeled_batch_size} is split over {world} "
+                f"GPUs (-num_gpus), which leaves some without unlabeled patches. Set it to at least {world}.")
+        return batch_share(int(self.unlabeled_batch_size), world, self.local_rank)
+
     def get_unlabeled_dataloader(self):
         folder = self.preprocessed_unlabeled_folder
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -174,7 +193,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 f"(labelsUnlabeled): target quality is logged as {TARGET_DICE_KEY}<name>; these labels never enter "
                 f"a loss")
         initial_patch_size = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2]
-        loader = UnlabeledDataLoader(dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
+        loader = UnlabeledDataLoader(dataset, self.unlabeled_batch_size_here(), initial_patch_size,
                                      self.configuration_manager.patch_size, self.label_manager,
                                      transforms=self.get_unlabeled_transforms())
         n_proc = get_allowed_n_proc_DA()
@@ -368,11 +387,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         super().on_train_epoch_end(train_outputs)  # nnU-Net logs 'loss' (the supervised loss) as train_losses
         outputs = collate_outputs(train_outputs)
         for k in self._logged_keys():
-            values = np.asarray(outputs[k], dtype=np.float64)
-            if self.is_ddp:
-                gathered = [None for _ in range(dist.get_world_size())]
-                dist.all_gather_object(gathered, values)
-                values = np.concatenate(gathered)
+            values = gather_concatenated(np.asarray(outputs[k], dtype=np.float64))  # DDP: all processes' steps
             value = float(np.mean(values))
             self.logger.log(k, value, self.current_epoch)
             self.print_to_log_file(f"{k} {np.round(value, decimals=4)}")
