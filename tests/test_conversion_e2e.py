@@ -11,8 +11,8 @@ import SimpleITK as sitk
 
 from conftest import nnunet_sud_cmd, run_cmd
 
-DATASET_ID = 969
-DATASET_NAME = "Dataset969_ConvE2E"
+DATASET_ID = 949  # outside test_conversion.py's 950-969
+DATASET_NAME = "Dataset949_ConvE2E"
 
 
 def _write(arr_zyx, path, spacing=(1.0, 1.0, 1.5)):
