@@ -198,3 +198,67 @@ def test_denoising_maps_a_prediction_into_preprocessed_space_and_back_exactly(sy
     assert (out.argmax(0)[inside] == probs.argmax(0)[inside]).all()
     assert (out.argmax(0)[~inside] == 0).all()  # outside the crop: background, as nnU-Net exports
     np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- what the command refuses up front
+def _selftrain_args(*extra):
+    from nnunet_sud.cli import build_parser
+    return build_parser().parse_args(["self-train", "-d", "871", "-c", "2d", "--device", "cpu", *map(str, extra)])
+
+
+def _teacher_tree(tmp_path, monkeypatch, synthetic3d, labels=None, test_in_unlabeled=False, plans_edit=None):
+    """A minimal teacher dataset Dataset871_T in a fresh nnU-Net tree (the synthetic task's plans)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    folders = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    raw, pre = folders["nnUNet_raw"] / "Dataset871_T", folders["nnUNet_preprocessed"] / "Dataset871_T"
+    for d in (raw / "imagesUnlabeled", raw / "imagesTs", pre, folders["nnUNet_results"]):
+        os.makedirs(d)
+    for k, v in folders.items():
+        monkeypatch.setenv(k, str(v))
+    save_json({"channel_names": {"0": "MRI"}, "labels": labels or {"background": 0, "a": 1}, "numTraining": 1,
+               "file_ending": ".nii.gz"}, str(raw / "dataset.json"))
+    (raw / "imagesUnlabeled" / "u1_0000.nii.gz").write_bytes(b"")
+    (raw / "imagesTs" / ("u1_0000.nii.gz" if test_in_unlabeled else "t1_0000.nii.gz")).write_bytes(b"")
+    plans = load_json(os.path.join(synthetic3d["preprocessed"], "nnUNetPlans.json"))
+    plans["dataset_name"] = "Dataset871_T"
+    if plans_edit:
+        plans_edit(plans)
+    save_json(plans, str(pre / "nnUNetPlans.json"))
+    return folders
+
+
+def test_self_train_refuses_what_cannot_work_before_anything_runs(tmp_path, monkeypatch, synthetic3d):
+    from nnunet_sud.self_training.pipeline import SelfTraining
+    folders = _teacher_tree(tmp_path / "a", monkeypatch, synthetic3d, test_in_unlabeled=True)
+    with pytest.raises(UserFacingError, match=r"imagesUnlabeled .* holds test cases \(u1"):
+        SelfTraining(_selftrain_args())
+    _teacher_tree(tmp_path / "b", monkeypatch, synthetic3d, labels={"background": 0, "whole": [1, 2], "core": 2})
+    with pytest.raises(UserFacingError, match="region-based"):
+        SelfTraining(_selftrain_args())
+
+    def cascade(plans):
+        plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    _teacher_tree(tmp_path / "c", monkeypatch, synthetic3d, plans_edit=cascade)
+    from nnunet_sud.cli import build_parser
+    with pytest.raises(UserFacingError, match="cascade stage"):
+        SelfTraining(build_parser().parse_args(["self-train", "-d", "871", "-c", "3d_cascade_fullres"]))
+    folders = _teacher_tree(tmp_path / "d", monkeypatch, synthetic3d)
+    with pytest.raises(UserFacingError, match="--student-trainer nnUNetTrainerSUD: .*semi-supervised"):
+        SelfTraining(_selftrain_args("--student-trainer", "nnUNetTrainerSUD"))
+    with pytest.raises(UserFacingError, match="--student-trainer nnUNetTrainerNoSuchThing: nnU-Net finds no such"):
+        SelfTraining(_selftrain_args("--student-trainer", "nnUNetTrainerNoSuchThing"))
+    with pytest.raises(UserFacingError, match="not both"):
+        SelfTraining(_selftrain_args("--teacher-trainer", "nnUNetTrainer", "--teacher-model", str(tmp_path)))
+    # an existing model folder whose plans are not the teacher dataset's: the students could not reuse them
+    model = tmp_path / "nnUNetTrainer__nnUNetPlans__2d"
+    os.makedirs(model / "fold_0")
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"")
+    plans = json.load(open(folders["nnUNet_preprocessed"] / "Dataset871_T" / "nnUNetPlans.json"))
+    plans["configurations"]["2d"]["batch_size"] += 1
+    (model / "plans.json").write_text(json.dumps(plans))
+    (model / "dataset.json").write_text((folders["nnUNet_raw"] / "Dataset871_T" / "dataset.json").read_text())
+    with pytest.raises(UserFacingError, match="its plans.json differs from .* pass -p <NAME>"):
+        SelfTraining(_selftrain_args("--teacher-model", str(model)))
+    # nothing was written by the refused runs
+    assert not os.listdir(folders["nnUNet_results"])
+    assert sorted(os.listdir(folders["nnUNet_raw"])) == ["Dataset871_T"]

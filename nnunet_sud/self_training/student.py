@@ -40,12 +40,15 @@ def student_dataset_name(student_id: int, teacher_name: str, round_: int) -> str
 def labels_with_ignore(labels: Dict[str, object], regions_class_order=None) -> Tuple[Dict[str, object], int]:
     """The teacher's ``labels`` with an ``ignore`` entry (highest label + 1) and the ignore value."""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
-    lm = LabelManager(labels, regions_class_order)
-    if lm.has_regions:
+    if any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values()):
         raise UserFacingError("the teacher dataset uses region-based labels (dataset.json 'labels' with lists): "
                               "self-training makes its pseudo-labels and confidences from a softmax over classes, "
                               "which region-based (sigmoid) training does not have. Use a dataset with plain "
                               "integer labels.")
+    try:
+        lm = LabelManager(labels, regions_class_order)
+    except (AssertionError, RuntimeError, ValueError, TypeError) as e:
+        raise UserFacingError(f"the teacher dataset's dataset.json 'labels' are not what nnU-Net accepts: {e}") from None
     if lm.has_ignore_label:
         return dict(labels), int(lm.ignore_label)
     out = dict(labels)
