@@ -8,8 +8,8 @@ its first epoch's checkpoint); it must name the step and the command that resume
 command then skips every finished step, resumes the student from its checkpoint and finishes both
 rounds. The tests then check what the run left: the teacher's plans in every student, no test
 case in any student dataset, the teacher's validation case kept out of training, the filtered
-pseudo-labels with their ignore label, the pseudo-label Dice per round, and the final model folder
-predicting with plain nnUNetv2_predict."""
+pseudo-labels with their ignore label, the pseudo-label Dice per round, and the students as
+ordinary nnU-Net model folders."""
 import json
 import math
 import os
@@ -40,7 +40,7 @@ def _ids(folder, ending=".nii.gz", channel=False):
 
 @pytest.fixture(scope="module")
 def selftrain_run(synthetic3d, nnunet_dirs, tmp_path_factory):
-    # a fresh run every time: earlier students, teacher and denoiser of this test are removed
+    # a fresh run every time: earlier students and teacher of this test are removed
     for r, name in NAMES.items():
         for root in nnunet_dirs.values():
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
@@ -164,14 +164,30 @@ def test_filtered_pseudo_labels_carry_the_ignore_label_and_their_dice_per_round(
 
 
 @pytest.mark.e2e
-def test_the_final_student_is_an_ordinary_nnunet_model_folder(selftrain_run, tmp_path):
-    syn = selftrain_run["syn"]
-    assert f"Final model folder: {os.path.join(selftrain_run['dirs']['nnUNet_results'], NAMES[2])}" in \
+def test_the_students_are_ordinary_nnunet_model_folders(selftrain_run):
+    """Round 1's student was the teacher of round 2: plain nnUNetv2_predict (-d 881 -tr STUDENT) made the
+    pseudo-labels of round 2 from its model folder. The final student (round 2) is loaded by nnU-Net's
+    predictor the way nnUNetv2_predict loads it and segments a test case (in process: no second
+    ~20 s process start-up for the same code path)."""
+    import torch
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    syn, results = selftrain_run["syn"], selftrain_run["dirs"]["nnUNet_results"]
+    assert (f"round2_predict: nnUNetv2_predict -i {os.path.join(syn['raw'], 'imagesUnlabeled')} -o "
+            f"{os.path.join(selftrain_run['work'], 'round_2', 'predictions')} -d 881 -c 2d -f 0 -tr {STUDENT}"
+            in selftrain_run["resumed"])
+    preds = os.path.join(selftrain_run["work"], "round_2", "predictions")
+    assert _ids(preds) == {f"syn_unl_{i:03d}" for i in range(6)}
+    final = os.path.join(results, NAMES[2], f"{STUDENT}__nnUNetPlans__{CFG}")
+    assert f"Final model folder: {final}" in selftrain_run["resumed"]
+    assert f"nnUNetv2_predict -i INPUT -o OUTPUT -d 882 -c 2d -f 0 -tr {STUDENT} -p nnUNetPlans" in \
         selftrain_run["resumed"]
-    run_cmd(["nnUNetv2_predict", "-i", os.path.join(syn["raw"], "imagesTs"), "-o", str(tmp_path), "-d", "882",
-             "-c", CFG, "-f", "0", "-tr", STUDENT, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"])
-    preds = sorted(f for f in os.listdir(tmp_path) if f.endswith(".nii.gz"))
-    assert preds == ["syn_ts_000.nii.gz", "syn_ts_001.nii.gz"]
-    for f in preds:
-        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f)))
-        assert set(np.unique(seg)) <= {0, 1, 2, 3}  # the ignore label is never predicted
+    for f in ("plans.json", "dataset.json", "dataset_fingerprint.json", "fold_0/checkpoint_final.pth"):
+        assert os.path.isfile(os.path.join(final, f)), f
+    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(final, (0,), "checkpoint_final.pth")
+    img, props = SimpleITKIO().read_images([os.path.join(syn["raw"], "imagesTs", "syn_ts_000_0000.nii.gz")])
+    seg = predictor.predict_single_npy_array(img, props)
+    assert seg.shape == img.shape[1:]
+    assert set(np.unique(seg)) <= {0, 1, 2, 3}  # the ignore label is never predicted
