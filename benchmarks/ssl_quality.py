@@ -35,6 +35,13 @@ the script runs, through the real commands and in its own nnU-Net folders below 
 6. ``WORK/reports/summary.md``: per setting, the Table-3-style comparison, training time per
    trainer, the budget and this command.
 
+With ``--self-training``, ``nnunet-sud self-train`` also runs from the baseline (the
+``nnUNetTrainer_bench`` model of step 4 is its first teacher; students: ``nnUNetTrainer_bench``, the
+same budget each), ``--self-training-rounds`` rounds, once plain and once with ``--denoise`` (the
+denoiser of step 3); every round's student is evaluated on the test cases (``SelfTrain_r<R>``,
+``SelfTrain_denoise_r<R>``) and the summary gets the pseudo-label Dice per round against the
+withheld labels of the unlabeled pool (docs/self_training.md).
+
 Re-running continues where it stopped: finished trainings are skipped (and their evaluations
 reused when newer than the checkpoint), interrupted ones resume with ``--c`` (from nnU-Net's
 latest checkpoint). Examples::
@@ -42,6 +49,9 @@ latest checkpoint). Examples::
     # the full protocol on a GPU (budget of your choice; nnU-Net's default is 1000 x 250)
     python benchmarks/ssl_quality.py --la /data/LA_lite --acdc /data/ACDC_lite --work /scratch/sslq \\
         --epochs 200 --iterations 250 --device cuda
+    # self-training rows beside the others (1 and 2 rounds, with and without --denoise)
+    python benchmarks/ssl_quality.py --acdc ../shared/data/ACDC_lite --settings acdc3 --work /work/sslq \\
+        --epochs 20 --iterations 100 --val-iterations 5 --device cpu --n-proc-da 1 --trainers --self-training
     # the reduced CPU run reported in docs/benchmarks.md
     python benchmarks/ssl_quality.py --acdc ../shared/data/ACDC_lite --settings acdc3 --work /tmp/sslq \\
         --epochs 4 --iterations 50 --device cpu
@@ -74,6 +84,11 @@ SETTINGS = {
 # dataset ids: <base> + offset; "<setting>_all": the setting's upper bound (every pool case labeled)
 ID_OFFSETS = {"la8": 1, "la16": 2, "la8_all": 3, "la16_all": 4,
               "acdc3": 11, "acdc7": 12, "acdc3_all": 13, "acdc7_all": 14}
+# self-training students (--self-training): round r of the plain run <base> + offset + r - 1, of the
+# --denoise run <base> + offset + MAX_SELF_TRAINING_ROUNDS + r - 1
+SELFTRAIN_OFFSETS = {"la8": 21, "la16": 31, "acdc3": 41, "acdc7": 51}
+MAX_SELF_TRAINING_ROUNDS = 5
+SELFTRAIN = "SelfTrain"
 LABEL_NAMES = {"la": ["background", "LA"], "acdc": ["background", "RV", "Myo", "LV"]}
 DEFAULT_TRAINERS = ("nnUNetTrainerTE", "nnUNetTrainerSUD", "nnUNetTrainerSUDMeanTeacher",
                     "nnUNetTrainerMeanTeacher", "nnUNetTrainerUAMT", "nnUNetTrainerDAEUncertainty",
@@ -222,6 +237,12 @@ class Benchmark:
                                                                      "nnUNetTrainer", "nnUNetTrainer"))]
         for t in self.trainers:
             evaluations.append((t, self.train_predict_evaluate(setting, did, dname, raw, source, t, t, denoiser)))
+        pseudo = []
+        if self.args.self_training:
+            for denoise in (False, True):
+                rows, quality = self.self_training(setting, did, raw, source, denoise)
+                evaluations += rows
+                pseudo.append((SELFTRAIN + ("_denoise" if denoise else ""), quality))
         if not self.args.no_upper_bound:
             udid, udname, uraw = self.prepared_upper_bound(source, setting, plans_from=did)
             evaluations.append((UPPER, self.train_predict_evaluate(setting, udid, udname, uraw, source,
@@ -236,7 +257,37 @@ class Benchmark:
         return {"setting": setting, "configuration": source.configuration, "counts": counts,
                 "markdown": res["markdown"], "report": report, "times": self.times.get(setting, {}),
                 "target_quality": tq["markdown"], "target_quality_png": tq["png"],
-                "visits": self.visits_per_voxel(dname, source.configuration)}
+                "visits": self.visits_per_voxel(dname, source.configuration), "pseudo_labels": pseudo}
+
+    def self_training(self, setting: str, did: int, raw: str, source: Source, denoise: bool) -> tuple:
+        """``nnunet-sud self-train`` from the setting's baseline; each round's student predicted and
+        evaluated on the test cases. Returns ([(label, evaluation json)], pseudo-label quality markdown)."""
+        from nnunet_sud.self_training.filtering import quality_markdown
+        a, cfg = self.args, source.configuration
+        label = SELFTRAIN + ("_denoise" if denoise else "")
+        sid = a.dataset_id_base + SELFTRAIN_OFFSETS[setting] + (MAX_SELF_TRAINING_ROUNDS if denoise else 0)
+        work = os.path.join(a.work, "self_training", f"{setting}_{label}")
+        cmd = ["self-train", "-d", did, "-c", cfg, "-f", "all", "--rounds", a.self_training_rounds,
+               "--teacher-trainer", "nnUNetTrainer" + SUFFIX, "--student-trainer", "nnUNetTrainer" + SUFFIX,
+               "--student-id", sid, "--work", work, "--device", self.x.device, "-np", 2]
+        cmd += [] if a.tta else ["--disable-tta"]
+        cmd += ["--denoise", "--denoiser-trainer", DENOISER + SUFFIX] if denoise else []
+        self.x.say(f"{setting}: self-training ({label}, {a.self_training_rounds} rounds of {a.epochs} x "
+                   f"{a.iterations})")
+        t0 = time.time()
+        self.x.run(f"selftrain_{setting}_{label}", self.x.sud(*cmd))
+        with open(os.path.join(work, "summary.json")) as f:
+            summary = json.load(f)
+        rows = []
+        for r in range(1, a.self_training_rounds + 1):
+            name = f"{label}_r{r}"
+            rows.append((name, self.train_predict_evaluate(setting, sid + r - 1, summary["student_datasets"][str(r)],
+                                                           raw, source, "nnUNetTrainer", name)))
+        self.times.setdefault(setting, {})[f"{label} (all rounds, with predictions)"] = time.time() - t0
+        names = {str(i): n for i, n in enumerate(LABEL_NAMES[source.key]) if i}
+        quality = quality_markdown([(int(r), q) for r, q in sorted(summary["rounds"].items(), key=lambda t: int(t[0]))],
+                                   names)
+        return rows, quality
 
     def visits_per_voxel(self, dname: str, configuration: str) -> float:
         """How often training visits an unlabeled voxel on average: iterations x unlabeled batch x patch
@@ -271,6 +322,9 @@ class Benchmark:
             if r["target_quality"]:
                 lines += ["### What the methods learn from (Dice against the withheld labels of the unlabeled pool)",
                           "", r["target_quality"], f"Curves: `{r['target_quality_png']}`", ""]
+            for label, quality in r.get("pseudo_labels", []):
+                lines += [f"### {label}: pseudo-labels per round (Dice against the withheld labels of the "
+                          f"unlabeled pool)", "", quality, ""]
             lines += [f"Unlabeled visits per voxel (estimate, per trainer): {r['visits']:.1f}", ""]
         return "\n".join(lines) + "\n"
 
@@ -305,8 +359,14 @@ def parse_args(argv):
     ap.add_argument("--la-test", type=int, default=20, help="last cases of LA_lite's train.list held out (20)")
     ap.add_argument("--la-configuration", default="3d_fullres")
     ap.add_argument("--acdc-configuration", default="2d")
-    ap.add_argument("--dataset-id-base", type=int, default=600, help="dataset ids used: base+1..14 (600)")
+    ap.add_argument("--dataset-id-base", type=int, default=600,
+                    help="dataset ids used: base+1..14, with --self-training base+21..60 (600)")
     ap.add_argument("--no-upper-bound", action="store_true", help="skip nnUNetTrainer on all labels")
+    ap.add_argument("--self-training", action="store_true",
+                    help="also nnunet-sud self-train from the baseline, with and without --denoise; every round's "
+                         "student is evaluated (SelfTrain_r<R>, SelfTrain_denoise_r<R>)")
+    ap.add_argument("--self-training-rounds", type=int, default=2,
+                    help=f"rounds of --self-training (default 2, at most {MAX_SELF_TRAINING_ROUNDS})")
     ap.add_argument("--tta", action="store_true", help="test-time mirroring when predicting")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--n-proc-da", type=int, default=None, help="nnUNet_n_proc_DA (default: env or 2)")
@@ -316,6 +376,8 @@ def parse_args(argv):
                         ([s for s in SETTINGS if s.startswith("acdc")] if args.acdc else [])
         if not args.settings:
             ap.error("give --la and/or --acdc")
+    if not 1 <= args.self_training_rounds <= MAX_SELF_TRAINING_ROUNDS:
+        ap.error(f"--self-training-rounds: 1 to {MAX_SELF_TRAINING_ROUNDS}")
     args.denoiser_epochs = args.denoiser_epochs or args.epochs
     args.denoiser_iterations = args.denoiser_iterations or args.iterations
     return args

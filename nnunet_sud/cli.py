@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "nnunet_sud.evaluation.evaluate",            # evaluate
     "nnunet_sud.evaluation.compare",             # compare
     "nnunet_sud.postdenoise_cli",                # build-postdenoise
+    "nnunet_sud.self_training.pipeline",         # self-train
 ]
 
 

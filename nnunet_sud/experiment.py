@@ -40,6 +40,17 @@ def check_trainers(trainers: Iterable[str], option: str = "--trainers") -> None:
             raise UserFacingError(f"{option}: unknown trainer {t}; available: {', '.join(sorted(known))}")
 
 
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def require_nnunet_folders() -> Dict[str, str]:
+    """The user's nnU-Net folders from the environment; UserFacingError naming those not set."""
+    missing = [k for k in NNUNET_FOLDERS if not os.environ.get(k)]
+    if missing:
+        raise UserFacingError(f"{', '.join(missing)} not set: export the nnU-Net folders as for nnUNetv2_train")
+    return {k: os.environ[k] for k in NNUNET_FOLDERS}
+
+
 def _final_validation_is_quality_record(trainer: str) -> bool:
     from nnunet_sud import trainers
     from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
@@ -82,26 +93,32 @@ def schedule_variants_source(budgets: Dict[str, Tuple[int, int]], val_iters: int
 class Experiment:
     """A self-contained nnU-Net workspace below ``root`` and the commands run in it."""
 
-    def __init__(self, root: str, device: str, n_proc_da: Optional[int] = None):
+    def __init__(self, root: str, device: str, n_proc_da: Optional[int] = None, own_folders: bool = True):
+        """``own_folders=False``: run in the user's nnU-Net folders (``nnUNet_raw``/``_preprocessed``/
+        ``_results`` of the environment, which must be set; ``nnUNet_extTrainer`` gets our folder
+        appended); ``root`` then only holds the logs."""
         from nnunet_sud.paths import ext_trainer_value
         self.root = os.path.abspath(root)
         self.device = device
         self.logs = os.path.join(self.root, "logs")
         self.variants_dir = os.path.join(self.root, "trainers")
         self.t0 = time.time()
-        self.env = dict(os.environ,
-                        nnUNet_raw=os.path.join(self.root, "nnUNet_raw"),
-                        nnUNet_preprocessed=os.path.join(self.root, "nnUNet_preprocessed"),
-                        nnUNet_results=os.path.join(self.root, "nnUNet_results"),
-                        nnUNet_extTrainer=ext_trainer_value(self.variants_dir))
+        folders = NNUNET_FOLDERS
+        if own_folders:
+            self.env = dict(os.environ, **{k: os.path.join(self.root, k) for k in folders},
+                            nnUNet_extTrainer=ext_trainer_value(self.variants_dir))
+            self.env.pop("nnUNet_denoiser", None)
+        else:
+            require_nnunet_folders()
+            self.env = dict(os.environ, nnUNet_extTrainer=ext_trainer_value())
         if n_proc_da is not None:
             self.env["nnUNet_n_proc_DA"] = str(n_proc_da)
         self.env.setdefault("nnUNet_n_proc_DA", "2")
         self.env.setdefault("nnUNet_def_n_proc", "1")
-        self.env.pop("nnUNet_denoiser", None)
-        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        for k in folders:
             os.makedirs(self.env[k], exist_ok=True)
-        os.makedirs(self.variants_dir, exist_ok=True)
+        if own_folders:
+            os.makedirs(self.variants_dir, exist_ok=True)
 
     # ------------------------------------------------------------------ helpers
     def say(self, msg: str) -> None:
@@ -138,8 +155,8 @@ class Experiment:
     def preprocessed_dir(self, dataset_name: str) -> str:
         return os.path.join(self.env["nnUNet_preprocessed"], dataset_name)
 
-    def fold_dir(self, dataset_name: str, trainer: str, configuration: str, fold) -> str:
-        return os.path.join(self.env["nnUNet_results"], dataset_name, f"{trainer}__nnUNetPlans__{configuration}",
+    def fold_dir(self, dataset_name: str, trainer: str, configuration: str, fold, plans: str = "nnUNetPlans") -> str:
+        return os.path.join(self.env["nnUNet_results"], dataset_name, f"{trainer}__{plans}__{configuration}",
                             f"fold_{fold}")
 
     # ------------------------------------------------------------------ steps
@@ -158,10 +175,10 @@ class Experiment:
                                     "-np", num_processes))
 
     def train(self, dataset_id: int, dataset_name: str, configuration: str, fold, trainer: str,
-              log_name: Optional[str] = None, denoiser: Optional[str] = None) -> float:
+              log_name: Optional[str] = None, denoiser: Optional[str] = None, plans: str = "nnUNetPlans") -> float:
         """``nnUNetv2_train``; skipped when ``checkpoint_final.pth`` exists, resumed (``--c``) when a
         checkpoint of an interrupted run exists. Returns the seconds spent (0 when skipped)."""
-        out = self.fold_dir(dataset_name, trainer, configuration, fold)
+        out = self.fold_dir(dataset_name, trainer, configuration, fold, plans)
         if os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
             self.say(f"{trainer}: already trained ({out})")
             return 0.0
@@ -169,22 +186,26 @@ class Experiment:
         if denoiser is not None:
             env["nnUNet_denoiser"] = denoiser
         resume = ["--c"] if os.path.isfile(os.path.join(out, "checkpoint_latest.pth")) else []
+        if resume:
+            self.say(f"{trainer}: resuming the interrupted training from {out}/checkpoint_latest.pth")
         t0 = time.time()
         self.run(log_name or f"train_{dataset_name}_{trainer}",
                  ["nnUNetv2_train", dataset_id, configuration, fold, "-tr", trainer, "-device", self.device,
-                  *resume], env=env)
+                  *(["-p", plans] if plans != "nnUNetPlans" else []), *resume], env=env)
         return time.time() - t0
 
     def predict(self, dataset_id: int, dataset_name: str, configuration: str, fold, trainer: str,
                 images: str, out: str, tta: bool = False, log_name: Optional[str] = None,
-                denoiser: Optional[str] = None) -> str:
+                denoiser: Optional[str] = None, plans: str = "nnUNetPlans", extra: Sequence = ()) -> str:
+        """``nnUNetv2_predict`` of the images in ``images`` (``extra``: further options, e.g.
+        ``--save_probabilities``)."""
         env = dict(self.env)
         if denoiser is not None:
             env["nnUNet_denoiser"] = denoiser
         self.run(log_name or f"predict_{dataset_name}_{trainer}",
                  ["nnUNetv2_predict", "-i", images, "-o", out, "-d", dataset_id, "-c", configuration, "-f", fold,
-                  "-tr", trainer, "-device", self.device, "-npp", "1", "-nps", "1"]
-                 + ([] if tta else ["--disable_tta"]), env=env)
+                  "-tr", trainer, "-p", plans, "-device", self.device, "-npp", "1", "-nps", "1"]
+                 + ([] if tta else ["--disable_tta"]) + list(extra), env=env)
         return out
 
     @staticmethod

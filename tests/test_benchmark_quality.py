@@ -140,3 +140,63 @@ def test_budget_variants_set_the_budget_and_checkpoint_often_enough_to_resume(tm
     got = {s: (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch, t.save_every)
            for s, t in budget.items()}
     assert got == {"_bx": (20, 7, 5, 2), "_by": (3, 7, 5, 1), "_bz": (1000, 7, 5, 50)}
+
+
+def test_self_training_students_get_dataset_ids_of_their_own(tmp_path):
+    """--self-training: the plain and the --denoise run of every setting get ids that collide neither
+    with each other nor with the settings' datasets, for every allowed number of rounds."""
+    bench = _load_benchmark()
+    args = bench.parse_args(["--acdc", str(tmp_path), "--work", str(tmp_path), "--self-training"])
+    assert args.self_training and args.self_training_rounds == 2
+    used = set(bench.ID_OFFSETS.values())
+    for setting, off in bench.SELFTRAIN_OFFSETS.items():
+        assert setting in bench.SETTINGS
+        for start in (off, off + bench.MAX_SELF_TRAINING_ROUNDS):
+            ids = set(range(start, start + bench.MAX_SELF_TRAINING_ROUNDS))
+            assert not ids & used, setting
+            used |= ids
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--acdc", str(tmp_path), "--work", str(tmp_path), "--self-training",
+                          "--self-training-rounds", str(bench.MAX_SELF_TRAINING_ROUNDS + 1)])
+
+
+def test_self_training_rows_run_the_command_from_the_baseline_and_evaluate_every_round(tmp_path, monkeypatch):
+    """--self-training: the command line the benchmark gives ``nnunet-sud self-train`` (the baseline's
+    _bench trainer as teacher and students, fold all, the setting's denoiser, no TTA unless --tta) and
+    one evaluated row per round's student, with the pseudo-label quality table from the run's summary."""
+    bench = _load_benchmark()
+    train = [f"patient{p:03d}_frame{f:02d}" for p in (1, 2) for f in (1, 12)]
+    _make_source(tmp_path / "ACDC_lite", train, [f"patient009_frame{f:02d}" for f in (1, 12)], n_labels=3)
+    args = bench.parse_args(["--acdc", str(tmp_path / "ACDC_lite"), "--work", str(tmp_path / "work"), "--settings",
+                             "acdc3", "--device", "cpu", "--trainers", "--self-training", "--epochs", "3"])
+    b = bench.Benchmark(args, [])
+    source = b.sources["acdc"]
+    ran, evaluated = [], []
+    q = {"cases": 4, "cases_kept": 3, "voxels_kept": 0.9, "cases_with_label": 4,
+         "dice": {"pseudo_label": {"per_class": {"1": 0.5, "2": 0.25, "3": 0.75}, "mean": 0.5, "cases": 3}}}
+
+    def run(name, cmd, env=None):
+        ran.append([str(c) for c in cmd])
+        work = cmd[cmd.index("--work") + 1]
+        os.makedirs(work, exist_ok=True)
+        with open(os.path.join(work, "summary.json"), "w") as f:
+            json.dump({"student_datasets": {"1": "Dataset646_a_r1", "2": "Dataset647_a_r2"},
+                       "rounds": {"1": q, "2": q}}, f)
+    monkeypatch.setattr(b.x, "run", run)
+    monkeypatch.setattr(b, "train_predict_evaluate", lambda setting, did, dname, raw, src, trainer, label, denoiser=None:
+                        evaluated.append((did, dname, trainer, label)) or f"{label}.json")
+    rows, quality = b.self_training("acdc3", 611, "/raw", source, denoise=True)
+    cmd = ran[0][ran[0].index("self-train"):]
+    opts = dict(zip(cmd[1::2], cmd[2::2]))
+    assert opts["-d"] == "611" and opts["-c"] == "2d" and opts["-f"] == "all" and opts["--rounds"] == "2"
+    assert opts["--teacher-trainer"] == opts["--student-trainer"] == "nnUNetTrainer_bench"
+    assert opts["--student-id"] == str(600 + bench.SELFTRAIN_OFFSETS["acdc3"] + bench.MAX_SELF_TRAINING_ROUNDS)
+    assert "--denoise" in cmd and cmd[cmd.index("--denoiser-trainer") + 1] == "nnUNetTrainerLabelDenoiser_bench"
+    assert "--disable-tta" in cmd
+    assert rows == [("SelfTrain_denoise_r1", "SelfTrain_denoise_r1.json"),
+                    ("SelfTrain_denoise_r2", "SelfTrain_denoise_r2.json")]
+    assert evaluated == [(646, "Dataset646_a_r1", "nnUNetTrainer", "SelfTrain_denoise_r1"),
+                         (647, "Dataset647_a_r2", "nnUNetTrainer", "SelfTrain_denoise_r2")]
+    assert "Dice pseudo-labels (RV/Myo/LV)" in quality and "| 2 | 3/4 | 90.0% | 0.500/0.250/0.750 (mean 0.500) |" in quality
+    b.self_training("acdc3", 611, "/raw", source, denoise=False)
+    assert "--denoise" not in ran[1] and ran[1][ran[1].index("--student-id") + 1] == "641"
