@@ -1,17 +1,26 @@
 """A training that can be killed at any moment and resumed with ``--c``.
 
-nnU-Net's ``save_checkpoint`` writes ``checkpoint_latest.pth`` in place, so a training killed while
-writing it (``kill -9``, the OOM killer, a cluster's time limit, a full disk) leaves a truncated
-file where the previous good checkpoint was.
-``RobustTrainerMixin.save_checkpoint`` lets nnU-Net write through its own ``save_checkpoint``
-to a temporary name (``<file>.tmp``), then moves it into place with ``os.replace``. Files that
-belong to the checkpoint (our ``*_extra_state.pth``, SUD's soft-target snapshot) are written to
-temporary names first too and handed over with ``stage_checkpoint_file``; all are renamed
-together once everything is written, side files first, the checkpoint last. A kill at any point
-before the renames leaves the previous checkpoint and its side files untouched (only the
-renames themselves, microseconds apart, could be split; ``load_checkpoint`` then finds the files
-out of step and says so). This protects against killed processes; it does not ``fsync``, so
-after a power loss the file system's own guarantees apply.
+Two things go wrong when a training process dies abruptly (``kill -9``, the OOM killer, a
+cluster's time limit, a crash mid-write):
+
+* **Checkpoints.** nnU-Net's ``save_checkpoint`` writes ``checkpoint_latest.pth`` in place, so a
+  process killed while writing leaves a truncated file where the previous good checkpoint was.
+  ``RobustTrainerMixin.save_checkpoint`` lets nnU-Net write through its own ``save_checkpoint``
+  to a temporary name (``<file>.tmp``), then moves it into place with ``os.replace``. Files that
+  belong to the checkpoint (our ``*_extra_state.pth``, SUD's soft-target snapshot) are written to
+  temporary names first too and handed over with ``stage_checkpoint_file``; all are renamed
+  together once everything is written, side files first, the checkpoint last. A kill at any point
+  before the renames leaves the previous checkpoint and its side files untouched (only the
+  renames themselves, microseconds apart, could be split; ``load_checkpoint`` then finds the files
+  out of step and says so). This protects against killed processes; it does not ``fsync``, so
+  after a power loss the file system's own guarantees apply.
+* **Workers.** batchgenerators' augmenters (``NonDetMultiThreadedAugmenter``,
+  ``MultiThreadedAugmenter``) fork worker processes that loop until their parent sets an abort
+  event. A parent killed by SIGKILL never sets it, and the workers go on, each holding its share of
+  memory and a CPU, for as long as nobody kills them. ``workers_die_with_parent`` makes every
+  process forked inside it die with the process that forked it; ``RobustTrainerMixin`` wraps
+  nnU-Net's ``get_dataloaders`` (labeled training and validation streams) in it, and the
+  semi-supervised base class wraps the start of its unlabeled stream.
 
 When a checkpoint or a file beside it cannot be used, ``load_checkpoint`` raises a
 ``CheckpointError`` before anything is built or trained. Its message names the file, what is wrong
@@ -20,8 +29,14 @@ else ``checkpoint_best`` (nnunetv2's ``run_training.maybe_load_checkpoint``), so
 unusable checkpoint and its side files (``rm fold_X/checkpoint_latest*``) makes ``--c`` resume
 from the next one.
 """
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from typing import List, Optional, Tuple
 
 import torch
@@ -96,10 +111,79 @@ def resume_advice(checkpoint_file: str, resume_command: str) -> str:
             f"start anew without --c.")
 
 
+# ---------------------------------------------------------------------------------------------- workers
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: seconds between two looks at the parent in the fallback watch (no prctl)
+PARENT_POLL_SECONDS = 0.5
+#: use prctl(PR_SET_PDEATHSIG) where available (tests switch it off to exercise the fallback)
+USE_PRCTL = True
+_scope = {"depth": 0, "parent": None, "hook": False}
+
+
+def _kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm_parent_death_signal() -> bool:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL) through libc (Linux; no extra package). True when armed."""
+    if not (USE_PRCTL and sys.platform.startswith("linux")):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    """Fallback: a daemon thread that kills this process once its parent is gone (it is re-parented)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        _kill_self()
+    threading.Thread(target=watch, name="nnunet_sud-parent-watch", daemon=True).start()
+
+
+def _after_fork_in_child() -> None:
+    if _scope["depth"] == 0:
+        return
+    parent = _scope["parent"]
+    _scope["depth"] = 0  # this child's own children are not covered unless it opens a scope itself
+    if not _arm_parent_death_signal():
+        _watch_parent(parent)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        _kill_self()
+
+
+@contextlib.contextmanager
+def workers_die_with_parent():
+    """Every process forked (``os.fork``, multiprocessing's 'fork' start method, Linux's default up to
+    Python 3.13) while this context is open dies when the process that opened it dies, however it dies.
+
+    Linux: the child arms ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` right after the fork (through ctypes);
+    the kernel delivers it when the forking thread ends, so open the context in the thread that lives
+    as long as the workers should (the training's). Elsewhere, or when prctl fails, a daemon thread in
+    the child polls ``os.getppid()`` every ``PARENT_POLL_SECONDS``. Re-entrant; forks outside any open
+    context are left alone, and so are processes started by 'spawn' or 'forkserver' (not forked from
+    this process; Windows has no fork: there the context does nothing).
+    """
+    if not _scope["hook"] and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _scope["hook"] = True
+    if _scope["depth"] == 0:
+        _scope["parent"] = os.getpid()
+    _scope["depth"] += 1
+    try:
+        yield
+    finally:
+        _scope["depth"] -= 1
+
+
 # ---------------------------------------------------------------------------------------------- trainers
 class RobustTrainerMixin:
-    """For nnU-Net trainers (put before ``nnUNetTrainer`` in the bases): atomic checkpoints and clear
-    errors for checkpoints that cannot be resumed from (module docstring). Subclasses that write files belonging to a checkpoint write them to
+    """For nnU-Net trainers (put before ``nnUNetTrainer`` in the bases): atomic checkpoints, clear
+    errors for checkpoints that cannot be resumed from, augmentation workers that die with the
+    training (module docstring). Subclasses that write files belonging to a checkpoint write them to
     ``temporary_path(final)`` and call ``stage_checkpoint_file(tmp, final)`` before
     ``super().save_checkpoint``; code that finds a checkpoint unusable raises
     ``self.unusable_checkpoint(checkpoint_file, problem)``."""
@@ -137,3 +221,8 @@ class RobustTrainerMixin:
                     filename_or_checkpoint, f"{filename_or_checkpoint} cannot be read ({problem}); it was probably "
                                             f"cut short by a killed process or a full disk.")
         super().load_checkpoint(filename_or_checkpoint)
+
+    # ------------------------------------------------------------------ workers
+    def get_dataloaders(self):
+        with workers_die_with_parent():
+            return super().get_dataloaders()

@@ -1,13 +1,20 @@
-"""A killed training can always go on (issue 15, item 3).
+"""A killed training can always go on (issue 15, items 3-4).
 
 * Checkpoints are written under temporary names and renamed together: a crash while saving keeps
   the previous checkpoint, its extra state and its soft-target snapshot, loadable as they were.
 * A checkpoint that cannot be resumed from (truncated checkpoint, truncated extra state, missing or
   mismatched snapshot) stops ``load_checkpoint`` with a CheckpointError naming the file and the
   fallback; following the fallback, nnU-Net's own ``--c`` logic resumes from checkpoint_best.
+* Augmentation workers die with their training, however it dies (SIGKILL included).
 """
 import glob
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
@@ -218,3 +225,101 @@ def test_the_label_denoiser_saves_atomically_and_names_an_unreadable_checkpoint(
     with pytest.raises(CheckpointError) as e:
         t.load_checkpoint(latest)
     assert latest in str(e.value) and "cannot be read" in str(e.value) and "start anew without --c" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _alive(pid):
+    """True while the process exists and is not a zombie (a dead child its new parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return out
+
+
+def _gone_within(pids, seconds):
+    end = time.time() + seconds
+    while time.time() < end:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+PARENT = textwrap.dedent("""
+    import multiprocessing, sys, time
+    import nnunet_sud.robust_training as rt
+    rt.USE_PRCTL = sys.argv[1] == "prctl"
+    with rt.workers_die_with_parent():
+        watched = multiprocessing.Process(target=time.sleep, args=(600,))
+        watched.start()
+    unwatched = multiprocessing.Process(target=time.sleep, args=(600,))  # forked outside the scope
+    unwatched.start()
+    print(watched.pid, unwatched.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("mechanism", ["prctl", "parent-pid watch"])
+def test_workers_forked_in_the_scope_die_with_a_killed_parent(mechanism):
+    p = subprocess.Popen([sys.executable, "-c", PARENT, "prctl" if mechanism == "prctl" else "poll"],
+                         stdout=subprocess.PIPE, text=True)
+    watched, unwatched = map(int, p.stdout.readline().split())
+    try:
+        assert _alive(watched) and _alive(unwatched)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        assert _gone_within([watched], 3.0), f"the worker outlived its parent ({mechanism})"
+        time.sleep(0.5)
+        assert _alive(unwatched), "a process forked outside the scope is left alone"
+    finally:
+        for pid in (watched, unwatched):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.e2e
+def test_no_augmentation_worker_outlives_a_killed_training(synthetic3d, nnunet_dirs):
+    """nnUNetv2_train of a TE variant (labeled training + validation streams and the unlabeled stream,
+    2 workers each but validation 1) hangs after its first step; SIGKILL; every worker is gone at once."""
+    trainer = "nnUNetTrainerTE_tiny"
+    folder = os.path.join(nnunet_dirs["nnUNet_results"], synthetic3d["name"], f"{trainer}__nnUNetPlans__3d_fullres")
+    log = os.path.join(nnunet_dirs["nnUNet_results"], f"{trainer}_kill_test.log")
+    shutil.rmtree(folder, ignore_errors=True)
+    env = dict(os.environ, SUD_TEST_HANG_AT_STEP="1", nnUNet_n_proc_DA="2", PYTHONUNBUFFERED="1")
+    with open(log, "w") as out:
+        p = subprocess.Popen(["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer,
+                              "-device", "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    workers = []
+    try:
+        end = time.time() + 1200  # as run_cmd: seconds normally, much longer on a loaded machine
+        while time.time() < end and p.poll() is None and "hanging after step 1" not in open(log).read():
+            time.sleep(0.2)
+        assert p.poll() is None, open(log).read()[-3000:]
+        workers = _children(p.pid)
+        assert len(workers) >= 5, (workers, open(log).read()[-3000:])
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        assert _gone_within(workers, 3.0), [w for w in workers if _alive(w)]
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.remove(log)

@@ -35,7 +35,7 @@ augmentation, Dice+CE loss with deep supervision, poly LR, checkpoints -- is nnU
   ``--val``) does this on all validation cases and writes ``denoiser_validation.json`` to the
   fold folder (final table + the per-epoch history), instead of predicting images.
 
-Checkpoints are written atomically and unusable ones named with the way forward, as for the
+Checkpoints are written atomically and augmentation workers die with the training, as for the
 semi-supervised trainers (``nnunet_sud.robust_training``).
 
 The trained model folder is an ordinary nnU-Net folder;

@@ -26,6 +26,7 @@ with ``L_sup`` nnU-Net's own loss (deep supervision included), ``t`` the trainin
   with it at the end of training. Both files are written under temporary names and renamed
   together (``nnunet_sud.robust_training``): a killed training keeps its previous checkpoint, and
   an unreadable or mismatched file stops ``--c`` with the file's name and the way forward;
+* augmentation workers (labeled and unlabeled streams) that die with the training process;
 * clear errors, before anything is built, when the unlabeled data is missing or stale.
 
 Inference is untouched: model folders of subclasses are ordinary nnU-Net model folders.
@@ -43,7 +44,8 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_sud.errors import UserFacingError
-from nnunet_sud.robust_training import CheckpointError, RobustTrainerMixin, describe_exception, temporary_path
+from nnunet_sud.robust_training import (CheckpointError, RobustTrainerMixin, describe_exception, temporary_path,
+                                        workers_die_with_parent)
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.trainers.logging import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
 from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, cases_with_labels, make_augmenter, unlabeled_identifiers
@@ -150,7 +152,8 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
 
     def get_dataloaders(self):
         dl_tr, dl_val = super().get_dataloaders()
-        self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+        with workers_die_with_parent():  # as the labeled streams' workers (RobustTrainerMixin)
+            self.dataloader_unlabeled = self.get_unlabeled_dataloader()
         return dl_tr, dl_val
 
     def get_unlabeled_transforms(self):
