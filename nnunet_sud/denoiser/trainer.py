@@ -35,6 +35,9 @@ augmentation, Dice+CE loss with deep supervision, poly LR, checkpoints -- is nnU
   ``--val``) does this on all validation cases and writes ``denoiser_validation.json`` to the
   fold folder (final table + the per-epoch history), instead of predicting images.
 
+Checkpoints are written atomically and augmentation workers die with the training, as for the
+semi-supervised trainers (``nnunet_sud.robust_training``).
+
 The trained model folder is an ordinary nnU-Net folder;
 ``nnunet_sud.denoiser.loading.load_denoiser`` finds and loads it for the SUD trainers.
 """
@@ -53,6 +56,7 @@ from nnunet_sud.denoiser.evaluation import (DEFAULT_EVAL_SETTINGS, DenoiserEvalu
                                             format_results)
 from nnunet_sud.denoiser.network import build_label_denoiser, check_label_manager_supported
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.robust_training import RobustTrainerMixin
 
 VALIDATION_JSON = "denoiser_validation.json"
 _HISTORY_KEY = "denoiser_eval"
@@ -115,7 +119,7 @@ def _drop_image_only(compose):
     return compose
 
 
-class nnUNetTrainerLabelDenoiser(nnUNetTrainer):
+class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
     """Label-map denoiser of SUD §3.4 (skip-free auto-encoder on corrupted one-hot labels)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

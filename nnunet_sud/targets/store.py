@@ -38,7 +38,8 @@ page cache holds what is hot). A new case file is created under a temporary name
 into place (never over a file another process created meanwhile), and each update stores whole
 voxels of valid probabilities, so a killed process leaves a usable store (a region may hold a mix
 of the old and the new targets). ``snapshot``/``restore`` copy the store beside a checkpoint so
-that ``--c`` resumes with exactly the store of that checkpoint.
+that ``--c`` resumes with exactly the store of that checkpoint; a snapshot records the
+checkpoint's epoch (``snapshot_epoch``) so that a mismatch is detected.
 
 Several processes (DDP ranks) may share one store: ``update`` holds an exclusive lock
 (``flock``) on the case file from reading its block to writing it back, ``read`` a shared one
@@ -52,12 +53,16 @@ values (B, C, *P); P is the patch (2 or 3 axes).
 import contextlib
 import os
 import shutil
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from nnunet_sud.unlabeled.coordinates import sample_case_field
+
+#: file in a snapshot folder holding the epoch it was taken for
+SNAPSHOT_EPOCH_FILE = ".snapshot_epoch"
+
 
 try:
     import fcntl
@@ -273,23 +278,30 @@ class SoftTargetStore:
         return new, (wsum >= self.min_weight).reshape(size).cpu().numpy()
 
     # ------------------------------------------------------------------ snapshots
-    def snapshot(self, dest: str) -> None:
-        """Copy the store to ``dest`` (replacing it) atomically: a copy, then a rename."""
-        tmp = dest + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(self.folder, tmp, ignore=shutil.ignore_patterns(".tmp_*"))
-        old = dest + ".old"
-        if os.path.isdir(dest):
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+    def snapshot(self, dest: str, epoch: Optional[int] = None) -> None:
+        """Copy the store to the folder ``dest`` (replacing it), recording ``epoch`` there when given.
+        Not atomic by itself: write to a temporary folder and rename (``nnunet_sud.robust_training``)."""
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(self.folder, dest, ignore=shutil.ignore_patterns(".tmp_*", SNAPSHOT_EPOCH_FILE))
+        if epoch is not None:
+            with open(os.path.join(dest, SNAPSHOT_EPOCH_FILE), "w") as f:
+                f.write(str(int(epoch)))
+
+    @staticmethod
+    def snapshot_epoch(folder: str) -> Optional[int]:
+        """The epoch recorded by ``snapshot`` in ``folder`` (None: none recorded)."""
+        path = os.path.join(folder, SNAPSHOT_EPOCH_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return int(f.read().strip())
 
     def restore(self, src: str) -> None:
         """Make the store a copy of the snapshot ``src``."""
         if not os.path.isdir(src):
             raise FileNotFoundError(src)
         shutil.rmtree(self.folder, ignore_errors=True)
-        shutil.copytree(src, self.folder)
+        shutil.copytree(src, self.folder, ignore=shutil.ignore_patterns(SNAPSHOT_EPOCH_FILE))
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

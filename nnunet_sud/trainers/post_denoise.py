@@ -48,6 +48,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_sud.denoiser.corruption import apply_denoiser
 from nnunet_sud.denoiser.network import build_label_denoiser, check_label_manager_supported
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.robust_training import atomic_torch_save
 from nnunet_sud.trainers.teacher import unwrap_network
 
 POSTDENOISE_TRAINER = "nnUNetTrainerPostDenoise"
@@ -248,8 +249,6 @@ def build_postdenoise_model_folder(dataset_name_or_id: Union[int, str], configur
     checkpoint["postdenoise_source"] = {"segmenter_checkpoint": os.path.abspath(seg_ckpt),
                                         "segmenter_trainer": checkpoint.get("trainer_name", segmenter_trainer),
                                         "denoiser_checkpoint": den_info["checkpoint"]}
-    tmp = out_ckpt + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out_ckpt)
+    atomic_torch_save(checkpoint, out_ckpt)
     save_json(checkpoint["postdenoise_source"], os.path.join(out_base, fold_dir, "postdenoise_source.json"))
     return os.path.join(out_base, fold_dir)

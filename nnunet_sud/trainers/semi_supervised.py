@@ -22,8 +22,11 @@ with ``L_sup`` nnU-Net's own loss (deep supervision included), ``t`` the trainin
   scores what a method learns from (teacher, pseudo-label, stored target, ...) per class and
   logs the epoch's Dice as ``target_dice/<name>``. Those labels never enter a loss;
 * extra state in checkpoints: written beside each nnU-Net checkpoint as
-  ``<checkpoint>_extra_state.pth`` (atomically, before the checkpoint itself), restored by
-  ``--c``, the one of ``checkpoint_latest`` removed with it at the end of training;
+  ``<checkpoint>_extra_state.pth``, restored by ``--c``, the one of ``checkpoint_latest`` removed
+  with it at the end of training. Both files are written under temporary names and renamed
+  together (``nnunet_sud.robust_training``): a killed training keeps its previous checkpoint, and
+  an unreadable or mismatched file stops ``--c`` with the file's name and the way forward;
+* augmentation workers (labeled and unlabeled streams) that die with the training process;
 * clear errors, before anything is built, when the unlabeled data is missing or stale;
 * multi-GPU (DDP): each process draws its share of the unlabeled batch, logged values are means
   over all processes' steps, target-quality counts are summed over them
@@ -44,6 +47,8 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.robust_training import (CheckpointError, RobustTrainerMixin, describe_exception, temporary_path,
+                                        workers_die_with_parent)
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.trainers.distributed import batch_share, gather_concatenated
 from nnunet_sud.trainers.logging import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
@@ -58,7 +63,7 @@ def extra_state_file(checkpoint_file: str) -> str:
     return os.path.splitext(checkpoint_file)[0] + EXTRA_STATE_SUFFIX
 
 
-class nnUNetTrainerSemiSupervised(nnUNetTrainer):
+class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
     """Base class: labeled nnU-Net training plus an unlabeled stream and a weighted unlabeled loss.
 
     Subclass hooks:
@@ -152,7 +157,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def get_dataloaders(self):
         dl_tr, dl_val = super().get_dataloaders()
-        self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+        with workers_die_with_parent():  # as the labeled streams' workers (RobustTrainerMixin)
+            self.dataloader_unlabeled = self.get_unlabeled_dataloader()
         return dl_tr, dl_val
 
     def get_unlabeled_transforms(self):
@@ -408,28 +414,39 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             if state:
                 state["current_epoch"] = self.current_epoch + 1  # as nnU-Net stores it in the checkpoint
                 target = extra_state_file(filename)
-                tmp = target + ".tmp"
-                torch.save(state, tmp)
-                os.replace(tmp, target)
+                torch.save(state, temporary_path(target))
+                self.stage_checkpoint_file(temporary_path(target), target)  # renamed with the checkpoint
         super().save_checkpoint(filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's checkpoint (checked readable first), then the extra state beside it. Any problem
+        raises a ``CheckpointError`` naming the file and the way forward; ``set_extra_state`` of a
+        subclass raises ``CheckpointError(problem)`` for its own side files and gets the advice appended."""
         super().load_checkpoint(filename_or_checkpoint)
         if not isinstance(filename_or_checkpoint, str):
             return
+        checkpoint = filename_or_checkpoint
         expected = self.get_extra_state()
-        side = extra_state_file(filename_or_checkpoint)
+        side = extra_state_file(checkpoint)
         if not os.path.isfile(side):
             if expected:
-                raise UserFacingError(
-                    f"{filename_or_checkpoint} has no {os.path.basename(side)} beside it: the state of "
-                    f"{type(self).__name__} beyond the network ({', '.join(sorted(expected))}) is missing, so "
-                    f"training cannot resume exactly. Copy that file along with the checkpoint, or start anew "
-                    f"without --c.")
+                raise self.unusable_checkpoint(
+                    checkpoint, f"{checkpoint} has no {os.path.basename(side)} beside it: the state of "
+                                f"{type(self).__name__} beyond the network ({', '.join(sorted(expected))}) is "
+                                f"missing, so training cannot resume exactly. Copy that file along with the "
+                                f"checkpoint if you have it.")
             return
-        state = torch.load(side, map_location=self.device, weights_only=False)
+        try:
+            state = torch.load(side, map_location=self.device, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt file, whatever torch raises for it
+            raise self.unusable_checkpoint(
+                checkpoint, f"{side} cannot be read ({describe_exception(e)}); it was probably cut short by a "
+                            f"killed process or a full disk.") from None
         if state.get("current_epoch") != self.current_epoch:
-            raise UserFacingError(
-                f"{side} belongs to epoch {state.get('current_epoch')} but {filename_or_checkpoint} to epoch "
-                f"{self.current_epoch}: the two files are out of step. Restore matching files or start anew.")
-        self.set_extra_state(state)
+            raise self.unusable_checkpoint(
+                checkpoint, f"{side} belongs to epoch {state.get('current_epoch')} but {checkpoint} to epoch "
+                            f"{self.current_epoch}: the two files are out of step.")
+        try:
+            self.set_extra_state(state)
+        except CheckpointError as e:
+            raise self.unusable_checkpoint(checkpoint, str(e)) from None

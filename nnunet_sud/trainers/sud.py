@@ -23,7 +23,9 @@ converge late; alpha = 0 at the start would freeze the first, random targets), s
 §3.3.2. TE is the same with beta = 0 (no denoiser needed).
 
 State: the soft targets live in ``fold_X/soft_targets/`` while training; each checkpoint gets a
-snapshot ``fold_X/soft_targets_<checkpoint>/`` so that ``--c`` resumes with exactly that store.
+snapshot ``fold_X/soft_targets_<checkpoint>/`` so that ``--c`` resumes with exactly that store
+(copied to a temporary folder and renamed together with the checkpoint; a missing snapshot, or
+one of another epoch, stops ``--c`` with the way forward).
 At the end of training they are removed (``keep_soft_targets = True`` keeps them); the model
 folder is then an ordinary nnU-Net model folder for ``nnUNetv2_predict``.
 """
@@ -40,6 +42,7 @@ from torch import distributed as dist
 from nnunet_sud.denoiser.corruption import apply_denoiser
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.soft_targets import downsample_targets, soft_dice_loss, soft_kl_loss
+from nnunet_sud.robust_training import CheckpointError, temporary_path
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.targets.store import SoftTargetStore
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
@@ -196,8 +199,10 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
             dist.barrier()  # no rank writes targets while rank 0 copies them
         self._store_snapshot = None
         if take and self.local_rank == 0 and not self.disable_checkpointing:
-            self.store.snapshot(self._snapshot_dir(name))
-            self._store_snapshot = os.path.basename(self._snapshot_dir(name))
+            dest = self._snapshot_dir(name)
+            self.store.snapshot(temporary_path(dest), epoch=self.current_epoch + 1)  # as the checkpoint's epoch
+            self.stage_checkpoint_file(temporary_path(dest), dest)  # renamed together with the checkpoint
+            self._store_snapshot = os.path.basename(dest)
         if self.is_ddp:
             dist.barrier()
         super().save_checkpoint(filename)
@@ -209,8 +214,16 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
         super().set_extra_state(state)
         snap = state.get("soft_target_snapshot")
         if snap:
+            folder = os.path.join(self.output_folder, snap)
+            if not os.path.isdir(folder):
+                raise CheckpointError(f"the soft-target snapshot {folder} of this checkpoint is missing, so "
+                                      f"{type(self).__name__} cannot resume with the soft targets of that moment.")
+            epoch = self.store.snapshot_epoch(folder)
+            if epoch is not None and epoch != self.current_epoch:
+                raise CheckpointError(f"the soft-target snapshot {folder} belongs to epoch {epoch}, the checkpoint "
+                                      f"to epoch {self.current_epoch}: the two are out of step.")
             if self.local_rank == 0:
-                self.store.restore(os.path.join(self.output_folder, snap))
+                self.store.restore(folder)
             self._store_restored = True
         elif self.current_epoch < self.num_epochs:
             warnings.warn("this checkpoint has no soft-target snapshot: training resumes with the soft targets "

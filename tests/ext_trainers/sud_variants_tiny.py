@@ -4,10 +4,12 @@ shared with issue6_variants.py: 2 epochs x 3 iterations, a checkpoint_latest aft
 SUD_TEST_CRASH_AT_STEP=k raises after the k-th training step (counted from 1 over the whole run),
 like a killed job; a trainer with a discriminator first writes the discriminator's weights of that
 moment to ``fold_X/discriminator_at_crash.pth`` (so a test can tell them from the checkpoint's).
-SUD_TEST_SKIP_FINAL_VALIDATION=1 skips nnU-Net's final validation (~20 s of CPU) where the test
-checks inference through nnUNetv2_predict instead (nnU-Net's validation of our base runs in
-test_e2e_foundation)."""
+SUD_TEST_HANG_AT_STEP=k prints "hanging after step k" after the k-th step and sleeps, a hung job
+for a test to kill. SUD_TEST_SKIP_FINAL_VALIDATION=1 skips nnU-Net's final validation (~20 s of
+CPU) where the test checks inference through nnUNetv2_predict instead (nnU-Net's validation of our
+base runs in test_e2e_foundation)."""
 import os
+import time
 
 import torch
 
@@ -30,6 +32,10 @@ class _Tiny:
                 torch.save(self.discriminator.state_dict(), os.path.join(self.output_folder,
                                                                          "discriminator_at_crash.pth"))
             raise RuntimeError(f"simulated crash after step {crash}")
+        hang = os.environ.get("SUD_TEST_HANG_AT_STEP")
+        if hang is not None and step == int(hang):
+            print(f"hanging after step {hang}", flush=True)
+            time.sleep(3600)
         return out
 
     def perform_actual_validation(self, save_probabilities: bool = False):
