@@ -206,6 +206,8 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
         if self.is_ddp:
             dist.barrier()
         super().save_checkpoint(filename)
+        if self.is_ddp:
+            dist.barrier()  # rank 0 renames the staged snapshot with the checkpoint: no rank reads it before
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), "soft_target_snapshot": self._store_snapshot}
