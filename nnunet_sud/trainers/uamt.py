@@ -63,6 +63,8 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
         #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
         #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
         self.feature_dropout = 0.5
+        #: per epoch: [sum U where the teacher is wrong, wrong voxels, sum U where right, right voxels]
+        self._uncertainty_split: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ the terms
     def uncertainty_threshold(self, t: float) -> float:
@@ -142,14 +144,17 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
         agree = p_t.argmax(1) == seg
         wrong, right = known & ~agree, known & agree
         sums = torch.stack([u[wrong].sum(), wrong.sum(), u[right].sum(), right.sum()]).double()
-        self._uncertainty_split = sums if getattr(self, "_uncertainty_split", None) is None \
-            else self._uncertainty_split + sums
+        self._uncertainty_split = sums if self._uncertainty_split is None else self._uncertainty_split + sums
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
-        sums = getattr(self, "_uncertainty_split", None)
-        if sums is None:
+        if not self.unlabeled_cases_with_labels:
             return
+        # every rank reduces (also one that met no labelled voxel this epoch), or the others would wait
+        sums = self._uncertainty_split
+        if sums is None:
+            sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._uncertainty_split = None
         if self.is_ddp:
             dist.all_reduce(sums)
         u_wrong, n_wrong, u_right, n_right = sums.cpu().tolist()
@@ -161,7 +166,6 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
         self.print_to_log_file(
             f"uncertainty where the teacher is wrong {u_wrong / max(n_wrong, 1):.4f} ({int(n_wrong)} voxels), "
             f"right {u_right / max(n_right, 1):.4f} ({int(n_right)} voxels)")
-        self._uncertainty_split = None
 
 
 class nnUNetTrainerUAMT_lnC(nnUNetTrainerUAMT):
