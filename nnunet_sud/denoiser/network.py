@@ -124,15 +124,6 @@ class LabelDenoiserAE(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def check_label_manager_supported(label_manager, what: str = "The label-map denoiser") -> None:
-    """Raise ``UserFacingError`` for label set-ups the denoiser cannot model (region-based training)."""
-    if label_manager.has_regions:
-        raise UserFacingError(
-            f"{what} needs mutually exclusive classes (softmax maps), but this dataset.json defines "
-            f"region-based labels (overlapping regions, sigmoid outputs): {label_manager.all_regions}. "
-            f"Train the denoiser on a dataset.json with plain integer labels.")
-
-
 def build_label_denoiser(plans_manager, configuration_manager, num_classes: int,
                          deep_supervision: bool = False, allow_init: bool = True) -> LabelDenoiserAE:
     """Build the skip-free auto-encoder for one configuration of the plans.

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.network_helpers import full_resolution
 from nnunet_sud.trainers.distributed import average_gradients, broadcast_module
 
 
@@ -156,8 +157,7 @@ class LabeledBatchMixin:
 
     def labeled_segmentation(self) -> torch.Tensor:
         """The labeled batch's full-resolution label map (B, 1, *S) of the current step."""
-        t = self.labeled_step["target"]
-        return t[0] if isinstance(t, (list, tuple)) else t
+        return full_resolution(self.labeled_step["target"])
 
 
 # ---------------------------------------------------------------------- discriminator

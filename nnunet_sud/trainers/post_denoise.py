@@ -46,10 +46,10 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
-from nnunet_sud.denoiser.network import build_label_denoiser, check_label_manager_supported
+from nnunet_sud.denoiser.network import build_label_denoiser
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.network_helpers import require_exclusive_classes, unwrap_network
 from nnunet_sud.robust_training import atomic_torch_save
-from nnunet_sud.trainers.teacher import unwrap_network
 
 POSTDENOISE_TRAINER = "nnUNetTrainerPostDenoise"
 
@@ -128,7 +128,7 @@ class nnUNetTrainerPostDenoise(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        check_label_manager_supported(self.label_manager, type(self).__name__)
+        require_exclusive_classes(self.label_manager, type(self).__name__)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -225,7 +225,7 @@ def build_postdenoise_model_folder(dataset_name_or_id: Union[int, str], configur
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     lm = pm.get_label_manager(dataset_json)
-    check_label_manager_supported(lm, "Post-denoise")
+    require_exclusive_classes(lm, "Post-denoise")
     if den_info["num_classes"] != lm.num_segmentation_heads:
         raise UserFacingError(f"the denoiser {den_ckpt} has {den_info['num_classes']} classes, the segmenter "
                               f"{seg_ckpt} {lm.num_segmentation_heads}. Train a matching denoiser: {cmd}")

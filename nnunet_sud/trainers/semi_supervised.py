@@ -47,6 +47,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.network_helpers import unwrap_network
 from nnunet_sud.robust_training import (CheckpointError, RobustTrainerMixin, describe_exception, temporary_path,
                                         workers_die_with_parent)
 from nnunet_sud.schedules import LinearRamp
@@ -131,6 +132,10 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
             if problem:
                 raise UserFacingError(f"{folder} does not match the unlabeled images: {problem.rstrip('.')}. Re-run: {cmd}")
         self.print_to_log_file(f"unlabeled data: {len(unlabeled_identifiers(folder))} cases in {folder}; {note}")
+
+    def plain_network(self) -> torch.nn.Module:
+        """``self.network`` without torch.compile/DDP wrappers (shares the parameters)."""
+        return unwrap_network(self.network)
 
     # ------------------------------------------------------------------ training progress
     def training_progress(self) -> float:

@@ -42,12 +42,13 @@ from torch import distributed as dist
 from nnunet_sud.denoiser.corruption import apply_denoiser
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.soft_targets import downsample_targets, soft_dice_loss, soft_kl_loss
+from nnunet_sud.network_helpers import full_resolution
 from nnunet_sud.robust_training import CheckpointError, temporary_path
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.targets.store import SoftTargetStore
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 from nnunet_sud.trainers.settings import DerivedDefault
-from nnunet_sud.trainers.teacher import full_resolution, nnUNetTrainerMeanTeacherBase
+from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
 
 STORE_DIR = "soft_targets"
 

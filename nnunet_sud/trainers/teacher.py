@@ -22,8 +22,7 @@ hooks (no module and no state-dict key changes, so model folders stay ordinary a
 DAE-MT, 0 for the base) switches it on. The teacher is kept in train mode like the student, as in
 the reference code (``ema_teacher_train_mode``), so its dropout is active too.
 
-What lives here
-    ``unwrap_network(net)``         the plain module inside torch.compile / DDP wrappers
+What lives here (``unwrap_network`` and ``full_resolution`` live in ``nnunet_sud.network_helpers``)
     ``add_feature_dropout(net, p)`` UA-MT's two channel dropouts as hooks of an nnU-Net U-Net
     ``EMATeacher``                  the teacher copy, its update, its state
     ``nnUNetTrainerMeanTeacherBase`` an ``nnUNetTrainerSemiSupervised`` that owns an ``EMATeacher``
@@ -46,44 +45,15 @@ Inference: the teacher is not part of ``self.network``; the saved ``network_weig
 weights are in ``checkpoint_*_extra_state.pth`` beside each checkpoint.
 """
 import copy
-from typing import Dict, List, Tuple, Union
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.network_helpers import full_resolution, require_exclusive_classes, set_deep_supervision, unwrap_network
 from nnunet_sud.schedules import GaussianRampUp
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The plain module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers.
-
-    The returned module shares parameters with ``network``.
-    """
-    from torch._dynamo import OptimizedModule
-    from torch.nn.parallel import DistributedDataParallel
-    mod = network
-    for _ in range(4):  # DDP(compile(net)) as nnU-Net builds it, or compile(DDP(net)), or plain
-        if isinstance(mod, DistributedDataParallel):
-            mod = mod.module
-        elif isinstance(mod, OptimizedModule):
-            mod = mod._orig_mod
-        else:
-            break
-    return mod
-
-
-def full_resolution(output: Union[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, ...]]) -> torch.Tensor:
-    """The full-resolution logits of a network output (the first entry of a deep-supervision list)."""
-    return output[0] if isinstance(output, (list, tuple)) else output
-
-
-def set_deep_supervision(module: nn.Module, enabled: bool) -> None:
-    """Switch deep supervision of an nnU-Net style network (``.decoder.deep_supervision``), if it has one."""
-    decoder = getattr(module, "decoder", None)
-    if decoder is not None and hasattr(decoder, "deep_supervision"):
-        decoder.deep_supervision = enabled
 
 
 def channel_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -230,10 +200,6 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
         self._teacher_restored = False
 
     # ------------------------------------------------------------------ teacher life cycle
-    def plain_network(self) -> nn.Module:
-        """``self.network`` without torch.compile/DDP wrappers (shares the parameters)."""
-        return unwrap_network(self.network)
-
     def check_settings(self):
         super().check_settings()
         if not 0.0 <= float(self.feature_dropout) < 1.0:
@@ -309,9 +275,7 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
 
     def require_exclusive_classes(self):
         """Raise for region-based label set-ups (methods whose uncertainty needs a softmax)."""
-        if self.label_manager.has_regions:
-            raise UserFacingError(f"{type(self).__name__} needs mutually exclusive classes (softmax outputs), but "
-                                  f"this dataset.json defines region-based labels. Use plain integer labels.")
+        require_exclusive_classes(self.label_manager, type(self).__name__)
 
     def unlabeled_loss(self, batch_u: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         raise NotImplementedError(f"{type(self).__name__} must implement unlabeled_loss")
