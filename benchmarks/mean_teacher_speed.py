@@ -8,7 +8,7 @@ with interleaved repetitions, and prints medians and ratios to ``nnUNetTrainer``
     python benchmarks/mean_teacher_speed.py -d 991 -c 3d_fullres [--rounds 5] [--iters 2] [--device cpu]
 
 Needs a planned + preprocessed dataset with preprocessed unlabeled images (``nnunet-sud
-preprocess-unlabeled``). The DAE trainer uses the trained label denoiser (``load_denoiser``: the
+preprocess-unlabeled``). The DAE trainer uses the trained label denoiser (``load_label_denoiser``: the
 default location or ``$nnUNet_denoiser``); without one, a denoiser of the same architecture with
 random weights is used (the timing does not depend on the weights) and the script says so.
 Data loading is excluded: a few labeled and unlabeled batches are drawn once through nnU-Net's
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     dae = trainers["DAEUncertainty"]
     denoiser_note = ""
     try:
-        dae.denoiser = dae.load_denoiser()
+        dae.load_label_denoiser()
         denoiser_note = f"trained denoiser {dae.denoiser.denoiser_info['checkpoint']}"
     except UserFacingError as e:
         dae.denoiser = _common.random_denoiser(dae)

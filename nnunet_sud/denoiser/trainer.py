@@ -38,8 +38,9 @@ augmentation, Dice+CE loss with deep supervision, poly LR, checkpoints -- is nnU
 Checkpoints are written atomically and augmentation workers die with the training, as for the
 semi-supervised trainers (``nnunet_sud.robust_training``).
 
-The trained model folder is an ordinary nnU-Net folder;
-``nnunet_sud.denoiser.loading.load_denoiser`` finds and loads it for the SUD trainers.
+The trained model folder is an ordinary nnU-Net folder; each checkpoint also carries a
+``label_denoiser`` entry (``loading.DENOISER_MARK``) by which ``nnunet_sud.denoiser.loading.load_denoiser``
+recognises it when it loads it for the trainers that use a denoiser (``trainers/denoiser_mixin.py``).
 """
 import copy
 from typing import List
@@ -54,6 +55,7 @@ from nnunet_sud.denoiser.data import (DENOISER_LABELS_RAW_FOLDER, LabelMapDatase
                                       denoiser_labels_folder, open_denoiser_labels, raw_denoiser_label_files)
 from nnunet_sud.denoiser.evaluation import (DEFAULT_EVAL_SETTINGS, DenoiserEvaluator, evaluate_preprocessed_cases,
                                             format_results)
+from nnunet_sud.denoiser.loading import DENOISER_MARK, denoiser_mark
 from nnunet_sud.denoiser.network import build_label_denoiser
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot, require_exclusive_classes, unwrap_network
@@ -185,6 +187,14 @@ class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
         arch = self.configuration_manager.configuration["architecture"]
         narrow_architecture(arch, self.denoiser_features_scale, self.denoiser_num_stages)
         self.plans_manager.plans["configurations"][self.configuration_name]["architecture"] = copy.deepcopy(arch)
+
+    def complete_checkpoint_file(self, path: str) -> None:
+        """Every checkpoint says that it holds a label denoiser (``loading.DENOISER_MARK``), so that
+        ``load_denoiser`` recognises it without looking up the trainer class by name."""
+        super().complete_checkpoint_file(path)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint[DENOISER_MARK] = denoiser_mark(self.label_manager.num_segmentation_heads)
+        torch.save(checkpoint, path)
 
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()

@@ -23,7 +23,7 @@ this package's label denoiser (``nnUNetTrainerLabelDenoiser``: skip-free auto-en
 the same plans; the paper's DAE is a skip-free V-net with a dense bottleneck, trained with its
 own label corruptions). It is applied to the teacher softmax via
 ``nnunet_sud.denoiser.corruption.apply_denoiser`` (log -> clip [-3, 0] -> softmax -> DAE ->
-softmax), loaded once at the start of training with ``load_denoiser`` (the default location or
+softmax), loaded once at the start of training by ``LabelDenoiserMixin`` (the default location or
 ``$nnUNet_denoiser``; a missing denoiser stops training before anything is built, naming the
 ``nnUNetv2_train ... -tr nnUNetTrainerLabelDenoiser`` command). It is *not* part of
 ``self.network``: checkpoints and ``nnUNetv2_predict`` contain and use the student only.
@@ -49,6 +49,7 @@ from nnunet_sud.denoiser.corruption import apply_denoiser
 from nnunet_sud.losses.consistency import (dae_uncertainty, entropy, exp_reliability, masked_mean, threshold_mask,
                                            weighted_consistency)
 from nnunet_sud.schedules import GaussianRampUp
+from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
 from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
 from nnunet_sud.schedules import GaussianRampBetween
 
@@ -57,7 +58,7 @@ from nnunet_sud.schedules import GaussianRampBetween
 DAE_UNCERTAINTY_MAX = 2.0
 
 
-class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
+class nnUNetTrainerDAEUncertainty(LabelDenoiserMixin, nnUNetTrainerMeanTeacherBase):
     """Mean teacher with voxel weights exp(-kappa ||DAE(p_t) - p_t||^2) (seed 001)."""
 
     extra_log_keys = ("uncertainty_mean", "reliability_mean")
@@ -73,19 +74,11 @@ class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
         #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
         #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
         self.feature_dropout = 0.5
-        self.denoiser = None
 
     # ------------------------------------------------------------------ the denoiser
-    def load_denoiser(self) -> torch.nn.Module:
-        """The trained label denoiser (frozen, eval mode, on ``self.device``); ``UserFacingError`` if missing."""
-        from nnunet_sud.denoiser.loading import load_denoiser
-        return load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
-                             self.configuration_name, self.fold, self.device)
-
     def prepare_method(self):
         super().prepare_method()
-        self.denoiser = self.load_denoiser()
-        self.print_to_log_file(f"Label denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
+        self.load_label_denoiser()  # LabelDenoiserMixin: a missing denoiser stops training here
 
     # ------------------------------------------------------------------ the terms
     def uncertainty(self, p_t: torch.Tensor, p_hat: torch.Tensor) -> torch.Tensor:

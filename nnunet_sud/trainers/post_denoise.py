@@ -46,10 +46,12 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
+from nnunet_sud.denoiser.loading import find_denoiser_checkpoint, load_denoiser_checkpoint, train_command
 from nnunet_sud.denoiser.network import build_label_denoiser
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.network_helpers import require_exclusive_classes, unwrap_network
 from nnunet_sud.robust_training import atomic_torch_save
+from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
 
 POSTDENOISE_TRAINER = "nnUNetTrainerPostDenoise"
 
@@ -122,7 +124,7 @@ def insert_denoiser(composed: nn.Module, denoiser: nn.Module, source: str = "the
     composed.denoiser.eval()
 
 
-class nnUNetTrainerPostDenoise(nnUNetTrainer):
+class nnUNetTrainerPostDenoise(LabelDenoiserMixin, nnUNetTrainer):
     """Supervised nnU-Net training; the saved network denoises its predictions (SUD's post-denoise baseline)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -156,15 +158,12 @@ class nnUNetTrainerPostDenoise(nnUNetTrainer):
             self.network = composed
 
     def on_train_start(self):
-        from nnunet_sud.denoiser.loading import load_denoiser, train_command
-        denoiser = load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
-                                 self.configuration_name, self.fold, self.device)  # fails before anything is built
+        denoiser = self.load_label_denoiser()  # LabelDenoiserMixin: fails before anything is built
         super().on_train_start()
-        info = getattr(denoiser, "denoiser_info", {})
-        insert_denoiser(self.network, denoiser, f"the denoiser {info.get('checkpoint', '')}",
-                        train_command(self.plans_manager.dataset_name, self.configuration_name, self.fold,
-                                      self.plans_manager.plans_name))
-        self.print_to_log_file(f"Post-denoise: label denoiser {info.get('checkpoint')} inserted into the network "
+        checkpoint = denoiser.denoiser_info["checkpoint"]
+        insert_denoiser(self.network, denoiser, f"the denoiser {checkpoint}", self.denoiser_train_command())
+        self.denoiser = None  # its weights now live in self.network (the composition's frozen denoiser)
+        self.print_to_log_file(f"Post-denoise: label denoiser {checkpoint} inserted into the network "
                                f"(frozen, applied at inference)")
 
 
@@ -187,7 +186,6 @@ def build_postdenoise_model_folder(dataset_name_or_id: Union[int, str], configur
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_sud.denoiser.data import resolve_dataset_name
-    from nnunet_sud.denoiser.loading import find_denoiser_checkpoint, load_denoiser_checkpoint, train_command
 
     if results_folder is None:
         from nnunetv2.paths import nnUNet_results as results_folder

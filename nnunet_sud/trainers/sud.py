@@ -46,6 +46,7 @@ from nnunet_sud.network_helpers import full_resolution
 from nnunet_sud.robust_training import CheckpointError, temporary_path
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.targets.store import SoftTargetStore
+from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 from nnunet_sud.trainers.settings import DerivedDefault
 from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
@@ -53,9 +54,10 @@ from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
 STORE_DIR = "soft_targets"
 
 
-class DenoisedTargetsMixin:
-    """What SUD and SUD-MT share: lambda/beta hyper-parameters, the denoiser, the spatial
-    denoising step beta a(f) + (1 - beta) f and the soft-target loss D(z, f)."""
+class DenoisedTargetsMixin(LabelDenoiserMixin):
+    """What SUD and SUD-MT share: lambda/beta hyper-parameters, the spatial denoising step
+    beta a(f) + (1 - beta) f and the soft-target loss D(z, f). The denoiser itself (labels check,
+    loading, whether it is needed) is ``LabelDenoiserMixin``'s."""
 
     #: lambda_max of the linear ramp of the unlabeled weight lambda
     lambda_max: float = 4.0
@@ -71,7 +73,6 @@ class DenoisedTargetsMixin:
 
     def _configure_denoised_targets(self):
         self.unlabeled_weight = None  # the base's 0 -> 1 ramp gives way to 0 -> lambda_max
-        self.denoiser = None
         #: seconds spent per component (read by benchmarks/sud_speed.py)
         self.component_times = defaultdict(float)
 
@@ -85,18 +86,8 @@ class DenoisedTargetsMixin:
                                   f"{self.beta}")
 
     def needs_denoiser(self) -> bool:
+        """The denoiser is called only for beta > 0 (TE: beta = 0)."""
         return self.beta > 0
-
-    def load_target_denoiser(self):
-        """Check labels and load the trained denoiser (clear error, before any training)."""
-        if self.label_manager.has_regions:
-            raise UserFacingError(f"{type(self).__name__} needs plain integer labels (softmax outputs); the dataset "
-                                  f"uses regions")
-        if self.needs_denoiser() and self.denoiser is None:
-            from nnunet_sud.denoiser.loading import load_denoiser
-            self.denoiser = load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
-                                          self.configuration_name, self.fold, self.device)
-            self.print_to_log_file(f"denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
 
     @torch.no_grad()
     def denoise(self, f: torch.Tensor) -> torch.Tensor:
@@ -155,7 +146,7 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
     # ------------------------------------------------------------------ set-up
     def prepare_method(self):
         super().prepare_method()
-        self.load_target_denoiser()
+        self.load_label_denoiser()
         if not self._store_restored and self.local_rank == 0:
             self.store.clear()  # a fresh training starts without targets
         if self.is_ddp:
@@ -264,7 +255,7 @@ class nnUNetTrainerSUDMeanTeacher(DenoisedTargetsMixin, nnUNetTrainerMeanTeacher
 
     def prepare_method(self):
         super().prepare_method()
-        self.load_target_denoiser()
+        self.load_label_denoiser()
 
     def unlabeled_loss(self, batch_u: dict):
         outputs = self.network(batch_u["data"])
