@@ -37,6 +37,7 @@ from collections import defaultdict
 from typing import Optional
 
 import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from torch import distributed as dist
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
@@ -104,22 +105,23 @@ class DenoisedTargetsMixin(LabelDenoiserMixin):
             return f
         return self.beta * (self.denoise(f) if a_f is None else a_f) + (1 - self.beta) * f
 
+    def soft_target_term(self, logits: torch.Tensor, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """D(z, f) at one resolution: soft Dice of softmax(logits) against z over valid voxels (+ KL(z || f))."""
+        logits = logits.float()
+        term = soft_dice_loss(torch.softmax(logits, 1), z, valid, batch_dice=self.configuration_manager.batch_dice,
+                              form=self.dice_form)
+        if self.use_kl:
+            term = term + soft_kl_loss(torch.log_softmax(logits, 1), z, valid)
+        return term
+
     def soft_target_loss(self, outputs, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """D(z, f) summed over deep-supervision outputs with nnU-Net's weights."""
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        weights = getattr(self.loss, "weight_factors", None) or (1.0,)
-        targets = downsample_targets(z, valid, [o.shape[2:] for o in outputs])
-        loss = 0.0
-        for w, o, (z_s, m_s) in zip(weights, outputs, targets):
-            if w == 0:
-                continue
-            o = o.float()
-            term = soft_dice_loss(torch.softmax(o, 1), z_s, m_s, batch_dice=self.configuration_manager.batch_dice,
-                                  form=self.dice_form)
-            if self.use_kl:
-                term = term + soft_kl_loss(torch.log_softmax(o, 1), z_s, m_s)
-            loss = loss + w * term
-        return loss
+        """D(z, f) summed over deep-supervision outputs with nnU-Net's weights (its
+        ``DeepSupervisionWrapper``; z and valid are downsampled to each output's size)."""
+        weights = getattr(self.loss, "weight_factors", None)  # None: nnU-Net's loss without deep supervision
+        if not isinstance(outputs, (list, tuple)) or weights is None:
+            return self.soft_target_term(full_resolution(outputs), z, valid)
+        targets, masks = zip(*downsample_targets(z, valid, [o.shape[2:] for o in outputs]))
+        return DeepSupervisionWrapper(self.soft_target_term, weights)(outputs, targets, masks)
 
 
 class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
