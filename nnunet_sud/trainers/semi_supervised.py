@@ -52,7 +52,7 @@ from nnunet_sud.robust_training import (CheckpointError, RobustTrainerMixin, des
                                         workers_die_with_parent)
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.trainers.distributed import batch_share, gather_concatenated
-from nnunet_sud.trainers.logging import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
+from nnunet_sud.trainers.epoch_logger import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
 from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, cases_with_labels, make_augmenter, unlabeled_identifiers
 from nnunet_sud.unlabeled.preprocess import (INFO_SUFFIX, check_against_raw, configuration_fingerprint,
                                              unlabeled_folder_name)
