@@ -71,7 +71,8 @@ from nnunet_sud.losses.adversarial import dmnet_adversarial_loss, dmnet_discrimi
 from nnunet_sud.losses.agreement import dice_difference_loss, sharpen
 from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot
 from nnunet_sud.schedules import Constant
-from nnunet_sud.trainers.adversarial import ConvDiscriminator, DiscriminatorMixin, LabeledBatchMixin, plan_strides
+from nnunet_sud.trainers.discriminator import ConvDiscriminator, DiscriminatorMixin, plan_strides
+from nnunet_sud.trainers.labeled_batch import LabeledBatchMixin
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 
 Output = Union[torch.Tensor, Sequence[torch.Tensor]]

@@ -60,7 +60,8 @@ from nnunet_sud.losses.pseudo_labels import (confidence_map_gate, gated_cross_en
                                              mean_confidence_gate, score_gate)
 from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot
 from nnunet_sud.schedules import Constant
-from nnunet_sud.trainers.adversarial import ConvDiscriminator, DiscriminatorMixin, LabeledBatchMixin, plan_strides
+from nnunet_sud.trainers.discriminator import ConvDiscriminator, DiscriminatorMixin, plan_strides
+from nnunet_sud.trainers.labeled_batch import LabeledBatchMixin
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 from nnunet_sud.trainers.settings import DerivedDefault
 
