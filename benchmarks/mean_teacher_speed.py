@@ -1,9 +1,9 @@
 """Time per training iteration: DAE uncertainty vs UA-MT (K passes) vs mean teacher vs nnUNetTrainer.
 
-Seed 001's claim: its uncertainty needs one denoiser inference per step where UA-MT needs K = 8
-stochastic teacher passes. This script measures the full ``train_step`` of each trainer (forward,
-losses, backward, optimizer step, EMA update) side by side in one process, on the same batches,
-with interleaved repetitions, and prints medians and ratios to ``nnUNetTrainer``.
+Adiga Vasudeva et al. 2022's claim (DAE-MT): its uncertainty needs one denoiser inference per step
+where UA-MT needs K = 8 stochastic teacher passes. This script measures the full ``train_step`` of
+each trainer (forward, losses, backward, optimizer step, EMA update) side by side in one process, on
+the same batches, with interleaved repetitions, and prints medians and ratios to ``nnUNetTrainer``.
 
     python benchmarks/mean_teacher_speed.py -d 991 -c 3d_fullres [--rounds 5] [--iters 2] [--device cpu]
 

@@ -1,6 +1,7 @@
 """Label-map corruption for training the denoiser, and applying a trained denoiser.
 
-SUD (Young et al., "Supervision by Denoising", seed 000) §3.4, "Learning Denoisers":
+SUD (Young et al., "SUD: Supervision by Denoising for Medical Image Segmentation",
+2022) §3.4, "Learning Denoisers":
 
     "we log-transform the given one-hot label (segmentation) maps, clip them to a [-3, 0]
     range (-3 and 0 corresponding to the probabilities of 0 and 1 respectively), corrupt them

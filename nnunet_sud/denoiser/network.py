@@ -1,6 +1,7 @@
 """The label-map denoiser network: an nnU-Net-planned auto-encoder without skip connections.
 
-SUD (Young et al., "Supervision by Denoising", seed 000) §3.4 and Fig. 6: "Our denoisers share
+SUD (Young et al., "SUD: Supervision by Denoising for Medical Image Segmentation",
+2022) §3.4 and Fig. 6: "Our denoisers share
 the same structure as our U-Net segmenters except for their lack of skip connections." A U-Net
 denoiser could copy its input through the skips and only learn to subtract the noise; an
 auto-encoder has to reconstruct the label map from the bottleneck, i.e. it learns the latent

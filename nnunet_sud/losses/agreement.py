@@ -1,4 +1,5 @@
-"""Losses that make two predictions of the same unlabeled image agree (DMNet, seed 004).
+"""Losses that make two predictions of the same unlabeled image agree (DMNet: Fang & Li,
+MICCAI 2020).
 
 Fang & Li, "DMNet: Difference Minimization Network for Semi-supervised Segmentation in Medical
 Images" (MICCAI 2020), §3.2-3.3:

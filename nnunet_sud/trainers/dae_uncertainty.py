@@ -1,11 +1,12 @@
-"""``nnUNetTrainerDAEUncertainty``: uncertainty from a labeling representation (seed 001) on nnU-Net.
+"""``nnUNetTrainerDAEUncertainty``: uncertainty from a labeling representation (DAE-MT) on nnU-Net.
 
     nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerLabelDenoiser     # the DAE, once
     nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerDAEUncertainty
 
-Seed 001 ("Leveraging Labeling Representations in Uncertainty-Based Semi-supervised
-Segmentation"), §2.1-2.3: a mean teacher whose consistency is weighted by an uncertainty read
-off a pre-trained denoising auto-encoder of label maps, with a single DAE inference per step:
+DAE-MT: Adiga Vasudeva, Dolz, Lombaert, "Leveraging Labeling Representations in Uncertainty-based
+Semi-supervised Segmentation" (MICCAI 2022), §2.1-2.3: a mean teacher whose consistency is weighted
+by an uncertainty read off a pre-trained denoising auto-encoder of label maps, with a single DAE
+inference per step:
 
     p_s   = softmax f(x_u; theta_s)                       student on the unlabeled patch
     p_t   = softmax f(x_u + xi; theta_t)                  EMA teacher on the noisy patch
@@ -59,7 +60,7 @@ DAE_UNCERTAINTY_MAX = 2.0
 
 
 class nnUNetTrainerDAEUncertainty(LabelDenoiserMixin, nnUNetTrainerMeanTeacherBase):
-    """Mean teacher with voxel weights exp(-kappa ||DAE(p_t) - p_t||^2) (seed 001)."""
+    """Mean teacher with voxel weights exp(-kappa ||DAE(p_t) - p_t||^2) (DAE-MT)."""
 
     extra_log_keys = ("uncertainty_mean", "reliability_mean")
 
@@ -123,7 +124,7 @@ class nnUNetTrainerDAEUncertainty(LabelDenoiserMixin, nnUNetTrainerMeanTeacherBa
 
 # ---------------------------------------------------------------------- Table 3 ablations
 class nnUNetTrainerDAEUncertainty_threshold(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 3 "Ours (threshold)": w_v = [U_v < H(t)], H(t) = (0.75 + 0.25 exp(-5(1-t)^2)) U_max,
+    """DAE-MT Table 3 "Ours (threshold)": w_v = [U_v < H(t)], H(t) = (0.75 + 0.25 exp(-5(1-t)^2)) U_max,
     U_max = 2 the largest ||p_hat - p_t||^2 (UA-MT's ramp on U's own range)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
@@ -143,7 +144,7 @@ class nnUNetTrainerDAEUncertainty_classSum(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_entropy(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 3 "Ours (entropy)": U_v = H((p_t + p_hat) / 2), w_v = exp(-kappa U_v)."""
+    """DAE-MT Table 3 "Ours (entropy)": U_v = H((p_t + p_hat) / 2), w_v = exp(-kappa U_v)."""
 
     def uncertainty(self, p_t, p_hat):
         return entropy(0.5 * (p_t.float() + p_hat.float()))
@@ -151,7 +152,7 @@ class nnUNetTrainerDAEUncertainty_entropy(nnUNetTrainerDAEUncertainty):
 
 # ---------------------------------------------------------------------- Table 4 ablations
 class nnUNetTrainerDAEUncertainty_kappa0p1(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: kappa = 0.1."""
+    """DAE-MT Table 4: kappa = 0.1."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -159,7 +160,7 @@ class nnUNetTrainerDAEUncertainty_kappa0p1(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_kappa0p5(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: kappa = 0.5."""
+    """DAE-MT Table 4: kappa = 0.5."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -167,7 +168,7 @@ class nnUNetTrainerDAEUncertainty_kappa0p5(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_kappa2(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: kappa = 2."""
+    """DAE-MT Table 4: kappa = 2."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -175,7 +176,7 @@ class nnUNetTrainerDAEUncertainty_kappa2(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_kappa5(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: kappa = 5."""
+    """DAE-MT Table 4: kappa = 5."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -183,7 +184,7 @@ class nnUNetTrainerDAEUncertainty_kappa5(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_lambda0p01(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: lambda_c(t) = 0.01 exp(-5 (1 - t)^2)."""
+    """DAE-MT Table 4: lambda_c(t) = 0.01 exp(-5 (1 - t)^2)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -191,7 +192,7 @@ class nnUNetTrainerDAEUncertainty_lambda0p01(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_lambda0p05(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: lambda_c(t) = 0.05 exp(-5 (1 - t)^2)."""
+    """DAE-MT Table 4: lambda_c(t) = 0.05 exp(-5 (1 - t)^2)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -199,7 +200,7 @@ class nnUNetTrainerDAEUncertainty_lambda0p05(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_lambda0p5(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: lambda_c(t) = 0.5 exp(-5 (1 - t)^2)."""
+    """DAE-MT Table 4: lambda_c(t) = 0.5 exp(-5 (1 - t)^2)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -207,7 +208,7 @@ class nnUNetTrainerDAEUncertainty_lambda0p5(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_lambda1(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: lambda_c(t) = 1 exp(-5 (1 - t)^2)."""
+    """DAE-MT Table 4: lambda_c(t) = 1 exp(-5 (1 - t)^2)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)

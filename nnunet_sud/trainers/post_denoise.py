@@ -1,6 +1,6 @@
 """``nnUNetTrainerPostDenoise``: a supervised segmenter whose predictions are denoised (SUD's [63]).
 
-SUD (Young et al., seed 000) compares against "post-denoise": "implements [63] (Larrazabal et
+SUD (Young et al. 2022, arXiv:2202.02952) compares against "post-denoise": "implements [63] (Larrazabal et
 al.) and denoises baseline segmentations using SUD's denoiser" -- a supervised segmenter, and at
 inference the label denoiser applied to its output. Here the composition is the saved network:
 

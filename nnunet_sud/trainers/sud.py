@@ -1,7 +1,7 @@
 """Supervision by denoising (SUD) and temporal ensembling (TE) as nnU-Net trainers.
 
 Young, Shi, Ramakrishnan, Boisvert, ... Dalca, "SUD: Supervision by Denoising for Semantic
-Segmentation" (seeds/000), §3.3, eq. 7-8. Per unlabeled patch u_n at iteration n:
+Segmentation" (arXiv:2202.02952, 2022), §3.3, eq. 7-8. Per unlabeled patch u_n at iteration n:
 
     f_n = f(u_n | Theta_n)                                   segmenter softmax   (B, C, *P)
     z_n = alpha (beta a(f_n) + (1 - beta) f_n) + (1 - alpha) z_n^-            eq. (8)

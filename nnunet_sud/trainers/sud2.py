@@ -2,7 +2,7 @@
 penalty on encoder latents, and multi-step denoising.
 
 Chan, Young, Metzler, "SUD^2: Supervision by Denoising Diffusion Models for Image Reconstruction"
-(seed 002), §3-3.1, three changes to SUD (Young et al., seed 000; ``nnUNetTrainerSUD``):
+(arXiv:2303.09642, 2023), §3-3.1, three changes to SUD (Young et al. 2022; ``nnUNetTrainerSUD``):
 
 1. Noise before the denoiser (eq. 9, against the blurry minimiser of Corollary 3.3):
    D_sigma(f) -> D_sigma(f + nu_2), nu_2 ~ N(0, sigma_2^2 I). Our denoiser works on

@@ -1,11 +1,12 @@
 """The exponential-moving-average (EMA) teacher of the mean-teacher family, in one place.
 
-Mean teacher (Tarvainen & Valpola, NeurIPS 2017; seed 001 §2.1): the teacher has the student's
-architecture and weights that follow the student's by an EMA after every optimizer step,
+Mean teacher (Tarvainen & Valpola, NeurIPS 2017; Adiga Vasudeva et al. 2022, "DAE-MT", §2.1): the teacher has
+the student's architecture and weights that follow the student's by an EMA after every optimizer
+step,
 
     theta_t <- a_s theta_t + (1 - a_s) theta_s,      a_s = min(1 - 1 / (s + 1), decay)
 
-with decay 0.99 (seed 001, UA-MT). ``a_s`` is the warm-up of the reference implementations
+with decay 0.99 (DAE-MT, UA-MT). ``a_s`` is the warm-up of the reference implementations
 ("use the true average until the exponential average is more correct"): with it the teacher is
 the plain average of all student iterates as long as that average is younger than the EMA's
 memory. ``s`` counts the EMA updates done *before* this one, so the first update (s = 0, a = 0)
@@ -96,7 +97,7 @@ class EMATeacher:
 
     Args:
         student: the student (may be wrapped by torch.compile/DDP: the plain module is copied).
-        decay: the EMA decay (``alpha`` in the papers), 0.99 in seed 001 and UA-MT.
+        decay: the EMA decay (``alpha`` in the papers), 0.99 in DAE-MT and UA-MT.
         warmup: use ``min(1 - 1 / (step + 1), decay)`` (reference code) instead of ``decay``.
         train_mode: the mode the teacher is kept in (reference code: ``ema_model.train()``).
 
@@ -171,7 +172,7 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
     """Semi-supervised trainer with an EMA teacher of ``self.network`` (mean-teacher family).
 
     Hyper-parameters (set in a subclass's ``__init__`` after ``super().__init__``):
-        ema_decay = 0.99                    EMA decay (seed 001 §3, UA-MT)
+        ema_decay = 0.99                    EMA decay (DAE-MT §3, UA-MT)
         ema_warmup = True                   a_s = min(1 - 1/(s+1), ema_decay) (reference code)
         ema_teacher_train_mode = True       mode of the teacher copy (see module doc)
         teacher_noise_std = 0.1             UA-MT's teacher input noise: clip(N(0, 0.1^2), +-0.2)
