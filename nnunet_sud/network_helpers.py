@@ -14,6 +14,14 @@
 A neutral layer: torch and ``nnunet_sud.errors`` only, so the losses, the denoiser and every
 trainer may import it (docs/design.md, "Layers").
 """
+__all__ = [
+    "unwrap_network",
+    "full_resolution",
+    "set_deep_supervision",
+    "labels_to_one_hot",
+    "require_exclusive_classes",
+]
+
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -21,9 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_sud.errors import UserFacingError
-
-__all__ = ["unwrap_network", "full_resolution", "set_deep_supervision", "labels_to_one_hot",
-           "require_exclusive_classes"]
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:

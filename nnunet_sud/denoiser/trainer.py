@@ -42,6 +42,9 @@ The trained model folder is an ordinary nnU-Net folder; each checkpoint also car
 ``label_denoiser`` entry (``loading.DENOISER_MARK``) by which ``nnunet_sud.denoiser.loading.load_denoiser``
 recognises it when it loads it for the trainers that use a denoiser (``trainers/denoiser_mixin.py``).
 """
+# the trainer, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerLabelDenoiser"]
+
 import copy
 from typing import List
 

@@ -42,6 +42,22 @@ Ablations (small subclasses below):
              ``_lambda{0p01,0p05,0p5,1}`` lambda_max in {0.01, 0.05, 0.5, 1} (kappa = 1)
 Deep supervision: full-resolution outputs only (see ``teacher.py``).
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = [
+    "nnUNetTrainerDAEUncertainty",
+    "nnUNetTrainerDAEUncertainty_threshold",
+    "nnUNetTrainerDAEUncertainty_classSum",
+    "nnUNetTrainerDAEUncertainty_entropy",
+    "nnUNetTrainerDAEUncertainty_kappa0p1",
+    "nnUNetTrainerDAEUncertainty_kappa0p5",
+    "nnUNetTrainerDAEUncertainty_kappa2",
+    "nnUNetTrainerDAEUncertainty_kappa5",
+    "nnUNetTrainerDAEUncertainty_lambda0p01",
+    "nnUNetTrainerDAEUncertainty_lambda0p05",
+    "nnUNetTrainerDAEUncertainty_lambda0p5",
+    "nnUNetTrainerDAEUncertainty_lambda1",
+]
+
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -214,5 +230,3 @@ class nnUNetTrainerDAEUncertainty_lambda1(nnUNetTrainerDAEUncertainty):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unlabeled_weight = GaussianRampUp(1.0)
 
-
-__all__ = sorted(n for n in dir() if n.startswith("nnUNetTrainerDAEUncertainty"))

@@ -23,12 +23,12 @@ The loaded network is frozen, in eval mode, on ``self.device``, and is not part 
 ``self.network`` (post-denoising copies its weights into its composed network itself).
 Imports run one way: this module uses ``nnunet_sud.denoiser``, nothing there imports a trainer.
 """
+__all__ = ["LabelDenoiserMixin"]
+
 import torch
 
 from nnunet_sud.denoiser.loading import load_denoiser, train_command
 from nnunet_sud.network_helpers import require_exclusive_classes
-
-__all__ = ["LabelDenoiserMixin"]
 
 
 class LabelDenoiserMixin:

@@ -7,14 +7,14 @@ The output is taken by wrapping ``self.loss`` (``LabeledOutputTap``), so the lab
 once. Used by SegMatch (the discriminator's labeled pairs) and DMNet (the discriminator's
 labeled input and the labeled map).
 """
+__all__ = ["LabeledBatchMixin", "LabeledOutputTap"]
+
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from nnunet_sud.network_helpers import full_resolution
-
-__all__ = ["LabeledBatchMixin", "LabeledOutputTap"]
 
 
 class LabeledOutputTap(nn.Module):

@@ -17,6 +17,9 @@ and voxels (the reference code's element-wise MSE of the two softmaxes). Consist
 full-resolution output (see ``teacher.py``). Voxels of a patch that lie outside the image
 (nnU-Net's padding, ``batch_u['valid']`` False) are left out. ``nnUNetv2_predict`` uses the student.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerMeanTeacher_noDropout"]
+
 from typing import Dict, Optional, Tuple
 
 import torch

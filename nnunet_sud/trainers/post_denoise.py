@@ -36,6 +36,9 @@ The denoiser's architecture is rebuilt from the model folder's plans at predict 
 trained on the segmenter's plans/configuration (or one with the same architecture); otherwise the
 weights do not fit and a ``UserFacingError`` says so before training.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerPostDenoise"]
+
 import os
 import shutil
 from typing import Optional, Union

@@ -34,6 +34,9 @@ with ``L_sup`` nnU-Net's own loss (deep supervision included), ``t`` the trainin
 
 Inference is untouched: model folders of subclasses are ordinary nnU-Net model folders.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerSemiSupervised"]
+
 import os
 from typing import Dict, Optional, Tuple
 

@@ -29,6 +29,9 @@ one of another epoch, stops ``--c`` with the way forward).
 At the end of training they are removed (``keep_soft_targets = True`` keeps them); the model
 folder is then an ordinary nnU-Net model folder for ``nnUNetv2_predict``.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerSUD", "nnUNetTrainerTE", "nnUNetTrainerSUDMeanTeacher"]
+
 import os
 import shutil
 import time

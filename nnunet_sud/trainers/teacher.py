@@ -45,6 +45,9 @@ Inference: the teacher is not part of ``self.network``; the saved ``network_weig
 ``nnUNetv2_predict`` uses) are the student's, as the papers evaluate the student. The teacher
 weights are in ``checkpoint_*_extra_state.pth`` beside each checkpoint.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerMeanTeacherBase"]
+
 import copy
 from typing import Dict, Tuple
 

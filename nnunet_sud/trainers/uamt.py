@@ -33,6 +33,9 @@ of compute per step -- the cost DAE uncertainty (Adiga Vasudeva et al. 2022) rem
 denoiser inference.
 Deep supervision: full-resolution outputs only (see ``teacher.py``). Inference uses the student.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerUAMT", "nnUNetTrainerUAMT_lnC"]
+
 import math
 from typing import Dict, Optional, Tuple
 
