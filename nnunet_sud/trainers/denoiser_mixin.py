@@ -65,5 +65,5 @@ class LabelDenoiserMixin:
         if self.needs_denoiser() and self.denoiser is None:
             self.denoiser = load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
                                           self.configuration_name, self.fold, self.device)
-            self.print_to_log_file(f"label denoiser: {self.denoiser.denoiser_info['checkpoint']}")
+            self.print_to_log_file(f"label denoiser loaded from {self.denoiser.denoiser_info['checkpoint']}")
         return self.denoiser
