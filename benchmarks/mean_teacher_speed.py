@@ -1,14 +1,14 @@
 """Time per training iteration: DAE uncertainty vs UA-MT (K passes) vs mean teacher vs nnUNetTrainer.
 
-Seed 001's claim: its uncertainty needs one denoiser inference per step where UA-MT needs K = 8
-stochastic teacher passes. This script measures the full ``train_step`` of each trainer (forward,
-losses, backward, optimizer step, EMA update) side by side in one process, on the same batches,
-with interleaved repetitions, and prints medians and ratios to ``nnUNetTrainer``.
+Adiga Vasudeva et al. 2022's claim (DAE-MT): its uncertainty needs one denoiser inference per step
+where UA-MT needs K = 8 stochastic teacher passes. This script measures the full ``train_step`` of
+each trainer (forward, losses, backward, optimizer step, EMA update) side by side in one process, on
+the same batches, with interleaved repetitions, and prints medians and ratios to ``nnUNetTrainer``.
 
     python benchmarks/mean_teacher_speed.py -d 991 -c 3d_fullres [--rounds 5] [--iters 2] [--device cpu]
 
 Needs a planned + preprocessed dataset with preprocessed unlabeled images (``nnunet-sud
-preprocess-unlabeled``). The DAE trainer uses the trained label denoiser (``load_denoiser``: the
+preprocess-unlabeled``). The DAE trainer uses the trained label denoiser (``load_label_denoiser``: the
 default location or ``$nnUNet_denoiser``); without one, a denoiser of the same architecture with
 random weights is used (the timing does not depend on the weights) and the script says so.
 Data loading is excluded: a few labeled and unlabeled batches are drawn once through nnU-Net's
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     dae = trainers["DAEUncertainty"]
     denoiser_note = ""
     try:
-        dae.denoiser = dae.load_denoiser()
+        dae.load_label_denoiser()
         denoiser_note = f"trained denoiser {dae.denoiser.denoiser_info['checkpoint']}"
     except UserFacingError as e:
         dae.denoiser = _common.random_denoiser(dae)

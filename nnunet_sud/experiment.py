@@ -18,14 +18,30 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from nnunet_sud.errors import UserFacingError
 
-# trainers whose training needs a trained label-map denoiser (nnUNetTrainerLabelDenoiser first)
-NEEDS_DENOISER = ("SUD", "PostDenoise", "DAEUncertainty")
+def trainer_class(name: str):
+    """The trainer class called ``name``: ours (``nnunet_sud.trainers``), else nnU-Net's own search
+    (its trainers and the folders of ``nnUNet_extTrainer``); None when there is none."""
+    import contextlib
+    import io
+    from nnunet_sud import trainers
+    cls = getattr(trainers, name, None)
+    if isinstance(cls, type):
+        return cls
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError, ImportError):
+        return None
 
 
 def needs_denoiser(trainer: str) -> bool:
-    """True for trainers that load a denoiser (``nnUNet_denoiser``): the SUD family, post-denoise and
-    DAE uncertainty; not TE (SUD with beta = 0, which never calls a denoiser)."""
-    return any(k in trainer for k in NEEDS_DENOISER)
+    """Whether training ``trainer`` loads the label denoiser (``nnUNet_denoiser``), so that it must be
+    trained first: the trainer class answers (``LabelDenoiserMixin.needs_denoiser_by_default``: the
+    SUD family, post-denoise, DAE uncertainty; not TE, SUD with beta = 0). Unknown names: False."""
+    from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
+    cls = trainer_class(trainer)
+    return isinstance(cls, type) and issubclass(cls, LabelDenoiserMixin) and cls.needs_denoiser_by_default()
 
 
 def known_trainers() -> set:

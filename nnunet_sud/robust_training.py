@@ -209,8 +209,13 @@ class RobustTrainerMixin:
             return
         tmp = temporary_path(filename)
         super().save_checkpoint(tmp)  # nnU-Net's own checkpoint, under a temporary name
+        self.complete_checkpoint_file(tmp)
         for t, final in staged + [(tmp, filename)]:
             commit(t, final)
+
+    def complete_checkpoint_file(self, path: str) -> None:
+        """Hook: add to nnU-Net's checkpoint at ``path`` (still under its temporary name, before it is
+        renamed into place). Default: nothing."""
 
     # ------------------------------------------------------------------ loading
     def load_checkpoint(self, filename_or_checkpoint) -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nnunet_sud.denoiser.corruption import (LOG_CLIP_MIN, LabelMapCorruption, apply_denoiser, coarse_gaussian_noise,
-                                            corrupt_probabilities, denoiser_input, labels_to_one_hot, log_clip,
-                                            noise_grid_shape)
+                                            corrupt_probabilities, denoiser_input, log_clip, noise_grid_shape)
+from nnunet_sud.network_helpers import labels_to_one_hot
 
 C = 4
 

@@ -9,7 +9,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_sud.denoiser.loading import ENV_VAR, default_denoiser_folder, load_denoiser
+from nnunet_sud.denoiser.loading import DENOISER_MARK, ENV_VAR, default_denoiser_folder, load_denoiser
 from nnunet_sud.denoiser.network import LabelDenoiserAE
 from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
 from nnunet_sud.errors import UserFacingError
@@ -142,8 +142,11 @@ def test_env_var_errors(ckpts, monkeypatch, tmp_path):
 @pytest.mark.parametrize("case,match", [
     ("garbage", "cannot read the denoiser checkpoint"),
     ("not_nnunet", "is not an nnU-Net training checkpoint"),
-    ("seg", "it is a segmenter, not a label denoiser"),
-    ("unknown_trainer", "not a label denoiser and cannot be found"),
+    ("seg", "written by nnUNetTrainer, which is not a label denoiser"),
+    ("unmarked_unknown_trainer", "written by MyOwnThing, which is not a label denoiser: the checkpoint has no "
+                                 "'label_denoiser' entry"),
+    ("bad_mark", "'label_denoiser' entry .* is not one this version of nnunet_sud reads"),
+    ("mark_classes", "'label_denoiser' entry says 3 classes, its dataset.json 4"),
     ("den3cls", "has 3 classes but Dataset991_Synthetic3D"),
     ("den2d", "is 2d but the segmenter configuration 3d_fullres is 3d"),
     ("den_stride16", r"down-samples by \[16, 8, 8\] but the segmenter's patch \[24, 32, 32\]"),
@@ -157,8 +160,12 @@ def test_bad_checkpoints(ckpts, monkeypatch, case, match):
     elif case == "not_nnunet":
         path = os.path.join(ckpts["dir"], "plain.pth")
         torch.save({"state_dict": {}}, path)
-    elif case == "unknown_trainer":
-        path = _variant(ckpts, "unknown.pth", lambda ck: ck.update(trainer_name="MyOwnThing"))
+    elif case == "unmarked_unknown_trainer":
+        path = _variant(ckpts, "unknown.pth", lambda ck: (ck.pop(DENOISER_MARK), ck.update(trainer_name="MyOwnThing")))
+    elif case == "bad_mark":
+        path = _variant(ckpts, "bad_mark.pth", lambda ck: ck[DENOISER_MARK].update(format=99))
+    elif case == "mark_classes":
+        path = _variant(ckpts, "mark_classes.pth", lambda ck: ck[DENOISER_MARK].update(num_classes=3))
     elif case == "bad_weights":
         path = _variant(ckpts, "bad_weights.pth", lambda ck: ck["network_weights"].pop(
             next(k for k in ck["network_weights"] if k.startswith("decoder.stages"))))
@@ -172,6 +179,40 @@ def test_bad_checkpoints(ckpts, monkeypatch, case, match):
     msg = str(e.value)
     assert path in msg or os.path.abspath(path) in msg
     assert _cmd(0) in msg
+
+
+def test_denoiser_checkpoints_are_marked_and_recognised_by_the_mark_or_the_old_trainer_name(ckpts, monkeypatch):
+    """Every checkpoint the denoiser trainer writes says what it holds; the loader builds the network
+    from that and the checkpoint's plans, whatever the trainer is called. Checkpoints from before the
+    mark load by their trainer's name (nnUNetTrainerLabelDenoiser or a name starting with it)."""
+    ck = torch.load(ckpts["den3d"], map_location="cpu", weights_only=False)
+    assert ck[DENOISER_MARK] == {"format": 1, "network": "LabelDenoiserAE", "num_classes": 4}
+    assert torch.load(ckpts["den2d"], map_location="cpu", weights_only=False)[DENOISER_MARK]["num_classes"] == 4
+    assert DENOISER_MARK not in torch.load(ckpts["seg"], map_location="cpu", weights_only=False)
+    loadable = {
+        "renamed": _variant(ckpts, "renamed_trainer.pth", lambda c: c.update(trainer_name="MyOwnDenoiser")),
+        "old": _variant(ckpts, "old_format.pth", lambda c: c.pop(DENOISER_MARK)),
+        "old_variant": _variant(ckpts, "old_variant.pth", lambda c: (
+            c.pop(DENOISER_MARK), c.update(trainer_name="nnUNetTrainerLabelDenoiser_tiny"))),
+    }
+    for name, path in loadable.items():
+        monkeypatch.setenv(ENV_VAR, path)
+        net = load_denoiser(991, PLANS, CFG, 0, "cpu")
+        assert isinstance(net, LabelDenoiserAE), name
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, ck["network_weights"][k]), (name, k)
+
+
+def test_denoiser_modules_import_no_trainer():
+    """Imports run from trainers to the denoiser only: loading a denoiser pulls in no trainer module."""
+    import subprocess
+    import sys
+    code = ("import sys, nnunet_sud.denoiser.loading, nnunet_sud.denoiser.network, nnunet_sud.denoiser.corruption; "
+            "bad = sorted(m for m in sys.modules if m.startswith('nnunet_sud.trainers') "
+            "or m == 'nnunet_sud.experiment'); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_label_name_and_configuration_differences_only_warn(ckpts, monkeypatch):

@@ -11,7 +11,8 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from conftest import run_cmd
-from nnunet_sud.denoiser.corruption import apply_denoiser, corrupt_probabilities, labels_to_one_hot
+from nnunet_sud.denoiser.corruption import apply_denoiser, corrupt_probabilities
+from nnunet_sud.network_helpers import labels_to_one_hot
 from nnunet_sud.evaluation.metrics import dice
 
 TRAINER = "nnUNetTrainerLabelDenoiser_short"

@@ -10,7 +10,7 @@ from torch import nn
 
 from nnunet_sud.losses.adversarial import dmnet_adversarial_loss, dmnet_discriminator_loss, masked_bce_with_logits
 from nnunet_sud.losses.agreement import dice_difference_loss, sharpen
-from nnunet_sud.trainers.adversarial import ConvDiscriminator, plan_strides
+from nnunet_sud.trainers.discriminator import ConvDiscriminator, plan_strides
 from nnunet_sud.trainers.dmnet import DecoderOutputs, DualDecoderUNet, InterpolationUNetDecoder
 
 

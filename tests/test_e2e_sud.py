@@ -81,6 +81,9 @@ def test_sud_train_interrupt_resume_predict(synthetic3d, tiny_denoiser, nnunet_d
     # ... and nnUNetv2_train --c finishes the run from there
     out = run_cmd(train + ["--c"], env=env)
     assert "Epoch 1" in out and "Epoch 0\n" not in out
+    assert out.count("unlabeled data: ") == 1  # the unlabeled data are checked once per training
+    assert out.count("label denoiser loaded from ") == 1
+    assert f"label denoiser loaded from {os.path.join(tiny_denoiser, 'checkpoint_final.pth')}" in out
     log = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)["logging"]
     assert len(log["alpha"]) == 2 and log["alpha"][0] == pytest.approx(np.mean([1, 5 / 6, 4 / 6]))
     assert log["beta"] == [pytest.approx(0.05)] * 2
@@ -119,6 +122,8 @@ def test_te_train_predict(synthetic3d, nnunet_dirs, tmp_path):
     out = run_cmd(["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
                   env=env)
     assert "target_new_fraction" in out
+    assert out.count("unlabeled data: ") == 1  # the unlabeled data are checked once per training
+    assert "label denoiser loaded from" not in out  # beta = 0: no denoiser is loaded
     log = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)["logging"]
     # the very first step finds no target at all, so epoch 0's mean is at least 1/3
     assert 1 / 3 - 1e-6 <= log["target_new_fraction"][0] <= 1 and 0 <= log["target_new_fraction"][1] <= 1

@@ -9,7 +9,8 @@ from torch import nn
 
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.consistency import dae_uncertainty, entropy, mc_entropy, weighted_consistency
-from nnunet_sud.trainers.teacher import EMATeacher, unwrap_network
+from nnunet_sud.network_helpers import unwrap_network
+from nnunet_sud.trainers.teacher import EMATeacher
 
 
 def make_trainer(cls, synthetic3d, cfg="3d_fullres"):

@@ -55,3 +55,35 @@ def test_mask_and_unknown_form():
     assert soft_dice_loss(f, z, mask).item() == pytest.approx(want.item(), rel=1e-9)
     with pytest.raises(ValueError, match="squared"):
         soft_dice_loss(f, z, form="sum")
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_plain_form_is_nnunets_soft_dice(batch_dice):
+    """The plain form gives nnU-Net's SoftDiceLoss (soft targets, loss mask, no background) as 1 + its value."""
+    from nnunetv2.training.loss.dice import SoftDiceLoss
+    g = torch.Generator().manual_seed(3)
+    f = torch.softmax(torch.randn(2, 3, 4, 5, 6, generator=g, dtype=torch.float64), 1)
+    z = torch.softmax(2 * torch.randn(2, 3, 4, 5, 6, generator=g, dtype=torch.float64), 1)
+    mask = torch.rand(2, 4, 5, 6, generator=g) > 0.3
+    ours = soft_dice_loss(f, z, mask, batch_dice=batch_dice, form="plain")
+    theirs = SoftDiceLoss(apply_nonlin=None, batch_dice=batch_dice, do_bg=False, smooth=1e-5, ddp=False)(
+        f, z, mask[:, None].double())
+    assert ours.item() == pytest.approx(1 + theirs.item(), rel=1e-6)  # nnU-Net sums in float32
+
+
+def test_dmnet_agreement_is_the_plain_soft_dice_with_gradients_into_both():
+    from nnunet_sud.losses.agreement import dice_difference_loss
+    g = torch.Generator().manual_seed(4)
+    p1 = torch.softmax(torch.randn(2, 3, 8, 8, generator=g), 1).requires_grad_(True)
+    p2 = torch.softmax(torch.randn(2, 3, 8, 8, generator=g), 1).requires_grad_(True)
+    loss = dice_difference_loss(p1, p2)
+    # by hand: 1 - mean over samples and all classes of 2 sum(p1 p2) / (sum p1 + sum p2)
+    a, b = p1.detach(), p2.detach()
+    want = 1 - ((2 * (a * b).sum((2, 3)) + 1e-5) / (a.sum((2, 3)) + b.sum((2, 3)) + 1e-5)).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    loss.backward()
+    assert p1.grad.abs().max() > 0 and p2.grad.abs().max() > 0
+    # detach_target=True (SUD's fixed target) stops the second gradient
+    q1, q2 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    soft_dice_loss(q1, q2, include_background=True, form="plain").backward()
+    assert q2.grad is None and q1.grad.abs().max() > 0

@@ -110,7 +110,7 @@ def test_progress_panel_plots_mean_dice_and_fraction_kept():
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
-    from nnunet_sud.trainers.logging import SemiSupervisedLocalLogger
+    from nnunet_sud.trainers.epoch_logger import SemiSupervisedLocalLogger
 
     lg = SemiSupervisedLocalLogger(())
     lg.register("target_dice/student", 0)

@@ -11,7 +11,8 @@ Modules (imported on demand; this package import stays light for the CLI):
 * ``data``, ``preprocess`` -- extra label maps without images (``labelsDenoiser/``,
   ``nnunet-sud preprocess-denoiser-labels``).
 * ``loading``    -- ``load_denoiser``: the trained denoiser for a segmenter's dataset / plans /
-  configuration / fold (default model folder or ``$nnUNet_denoiser``).
+  configuration / fold (default model folder or ``$nnUNet_denoiser``); a checkpoint is a
+  denoiser when it carries the ``label_denoiser`` entry the trainer writes (older ones: by name).
 
 See docs/denoiser.md.
 """

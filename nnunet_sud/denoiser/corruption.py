@@ -1,6 +1,7 @@
 """Label-map corruption for training the denoiser, and applying a trained denoiser.
 
-SUD (Young et al., "Supervision by Denoising", seed 000) §3.4, "Learning Denoisers":
+SUD (Young et al., "SUD: Supervision by Denoising for Medical Image Segmentation",
+2022) §3.4, "Learning Denoisers":
 
     "we log-transform the given one-hot label (segmentation) maps, clip them to a [-3, 0]
     range (-3 and 0 corresponding to the probabilities of 0 and 1 respectively), corrupt them
@@ -61,37 +62,6 @@ def log_clip(probs: torch.Tensor, low: float = LOG_CLIP_MIN) -> torch.Tensor:
         Tensor of the same shape with values in [low, 0].
     """
     return torch.log(probs.clamp_min(math.exp(low))).clamp(low, 0.0)
-
-
-def labels_to_one_hot(seg: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32,
-                      has_channel_axis: Optional[bool] = None) -> torch.Tensor:
-    """One-hot encoding of an integer label map.
-
-    Args:
-        seg: (B, 1, *spatial) integer labels (nnU-Net's target layout) when ``has_channel_axis`` is
-            True, (B, *spatial) when it is False. Values outside ``[0, num_classes)`` (nnU-Net's
-            ignore label, -1 padding) get an all-zero vector: after ``log_clip`` and softmax such
-            voxels are uniform over the classes ("unknown").
-        num_classes: C, classes including background.
-        dtype: of the result.
-        has_channel_axis: whether axis 1 is a channel axis (of size 1) to be replaced by the classes.
-            Say it: a single-slice 2d case (1, Y, X) batched as (B, 1, Y, X) has no channel axis,
-            but its first spatial axis has size 1 as well. ``None`` keeps the old guess (axis 1 of
-            size 1 is the channel axis), which is wrong for exactly such maps.
-    Returns:
-        (B, C, *spatial) tensor of ``dtype``.
-    """
-    if has_channel_axis is None:
-        has_channel_axis = seg.ndim >= 2 and seg.shape[1] == 1
-    if has_channel_axis:
-        if seg.ndim < 3 or seg.shape[1] != 1:
-            raise ValueError(f"labels_to_one_hot: expected (B, 1, *spatial) labels, got shape {tuple(seg.shape)}")
-        seg = seg[:, 0]
-    seg = seg.long()
-    valid = (seg >= 0) & (seg < num_classes)
-    oh = F.one_hot(torch.where(valid, seg, torch.zeros_like(seg)), num_classes)
-    oh = oh * valid[..., None]
-    return oh.movedim(-1, 1).to(dtype)
 
 
 def _as_range(r: Range, name: str) -> Tuple[float, float]:

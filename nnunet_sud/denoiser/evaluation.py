@@ -33,7 +33,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from nnunet_sud.denoiser.corruption import corrupt_probabilities, labels_to_one_hot, stable_seed
+from nnunet_sud.denoiser.corruption import corrupt_probabilities, stable_seed
+from nnunet_sud.network_helpers import labels_to_one_hot
 
 DEFAULT_EVAL_SETTINGS: Tuple[Tuple[float, float], ...] = ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (2.0, 2.0), (4.0, 4.0),
                                                            (8.0, 8.0))

@@ -10,14 +10,22 @@ Where the denoiser is looked for, in this order:
 
        $nnUNet_results/DatasetXXX_Name/nnUNetTrainerLabelDenoiser__<PLANS>__<CONFIG>/fold_<FOLD>/checkpoint_final.pth
 
+Which checkpoints hold a denoiser: ``nnUNetTrainerLabelDenoiser`` (and every subclass) writes
+``DENOISER_MARK`` ("label_denoiser": format, network class, number of classes) into each of its
+checkpoints beside nnU-Net's entries, and the network is rebuilt from the plans the checkpoint
+carries (``build_label_denoiser``), so no trainer class is looked up and nothing here imports a
+trainer. Checkpoints written before the mark existed are recognised the previous way, by their
+``trainer_name``: ``nnUNetTrainerLabelDenoiser`` or a name that starts with it (the package's own
+variants, e.g. ``nnUNetTrainerLabelDenoiser_tiny``). A checkpoint with neither, such as a
+segmenter's, is refused.
+
 What is checked against the segmenter's set-up (``nnUNet_preprocessed/DatasetXXX/<PLANS>.json``
-and its ``dataset.json``): the checkpoint is one of ``nnUNetTrainerLabelDenoiser`` (or a
-subclass), the number of classes is the same, the label set-up is not region-based, the
-denoiser and the segmenter configuration are both 2d or both 3d, and the segmenter's patch is
-divisible by the denoiser's total down-sampling (so the denoiser can read a segmenter patch).
-Differences in label names or configuration name only warn. Every failure raises
-``UserFacingError`` naming the file and the ``nnUNetv2_train`` command that makes a matching
-denoiser.
+and its ``dataset.json``): the checkpoint holds a label denoiser (above), the number of classes
+is the same, the label set-up is not region-based, the denoiser and the segmenter configuration
+are both 2d or both 3d, and the segmenter's patch is divisible by the denoiser's total
+down-sampling (so the denoiser can read a segmenter patch). Differences in label names or
+configuration name only warn. Every failure raises ``UserFacingError`` naming the file and the
+``nnUNetv2_train`` command that makes a matching denoiser.
 
 Quality: ``load_denoiser`` reads the denoiser's recorded validation (``denoiser_validation.json``
 beside the checkpoint) and warns loudly (``DenoiserQualityWarning``) when it degrades clean maps
@@ -26,8 +34,7 @@ worse and below that, or when there is no such record (quality on clean maps unk
 towards the denoised prediction: a denoiser that is not near the identity on near-clean maps
 pulls them the wrong way.
 """
-import contextlib
-import io
+import json
 import os
 import warnings
 from typing import Tuple, Union
@@ -35,16 +42,27 @@ from typing import Tuple, Union
 import numpy as np
 import torch
 
+from nnunet_sud.denoiser.data import dataset_id_of, resolve_dataset_name
+from nnunet_sud.denoiser.network import LabelDenoiserAE, build_label_denoiser
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.network_helpers import require_exclusive_classes
+from nnunet_sud.unlabeled.preprocess import plan_command
 
 DENOISER_TRAINER = "nnUNetTrainerLabelDenoiser"
 ENV_VAR = "nnUNet_denoiser"
 CHECKPOINT = "checkpoint_final.pth"
+#: the checkpoint entry that marks a label denoiser (written by nnUNetTrainerLabelDenoiser)
+DENOISER_MARK = "label_denoiser"
+DENOISER_MARK_FORMAT = 1
+
+
+def denoiser_mark(num_classes: int) -> dict:
+    """The ``DENOISER_MARK`` entry of a denoiser checkpoint: format, network class, classes."""
+    return {"format": DENOISER_MARK_FORMAT, "network": LabelDenoiserAE.__name__, "num_classes": int(num_classes)}
 
 
 def train_command(dataset_name: str, configuration: str, fold, plans_identifier: str) -> str:
     """The command that trains the denoiser expected at the default location."""
-    from nnunet_sud.denoiser.data import dataset_id_of
     return (f"nnUNetv2_train {dataset_id_of(dataset_name)} {configuration} {fold} -tr {DENOISER_TRAINER} "
             f"-p {plans_identifier}")
 
@@ -96,7 +114,6 @@ def recorded_validation_problems(checkpoint_file: str, clean_dice_min: float = C
         return (f"the denoiser {checkpoint_file} has no recorded validation ({path} not found): its quality on "
                 f"clean label maps is unknown. To measure it, {trainer_cmd}.")
     try:
-        import json
         with open(path) as f:
             settings = json.load(f)["final"]["settings"]
     except Exception as e:
@@ -155,25 +172,6 @@ def find_denoiser_checkpoint(dataset_name: str, plans_identifier: str, configura
                           f"(or set {ENV_VAR} to a denoiser checkpoint or fold folder)")
 
 
-def _find_trainer_class(name: str):
-    """The trainer class of a checkpoint, or None if it cannot be found."""
-    import nnunet_sud.denoiser.trainer as own
-    if hasattr(own, name):
-        return getattr(own, name)
-    try:
-        import nnunet_sud.trainers as ours
-        if hasattr(ours, name):
-            return getattr(ours, name)
-    except ImportError:
-        pass
-    try:
-        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-        with contextlib.redirect_stdout(io.StringIO()):
-            return recursive_find_trainer_class_by_name(name)
-    except Exception:
-        return None
-
-
 def _total_strides(configuration_manager) -> np.ndarray:
     strides = configuration_manager.network_arch_init_kwargs.get("strides")
     if strides is None:
@@ -186,8 +184,6 @@ def _total_strides(configuration_manager) -> np.ndarray:
 
 
 def _segmenter_setup(dataset_name: str, plans_identifier: str, configuration: str, cmd: str):
-    from nnunet_sud.denoiser.data import dataset_id_of
-    from nnunet_sud.unlabeled.preprocess import plan_command
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -213,7 +209,6 @@ def load_denoiser_checkpoint(checkpoint_file: str, cmd: str = "") -> Tuple[torch
     'labels', 'patch_size', 'plans_manager', 'configuration_manager', 'dataset_json', 'checkpoint'}.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
 
     hint = f" Train a matching denoiser with: {cmd}" if cmd else ""
     try:
@@ -224,15 +219,17 @@ def load_denoiser_checkpoint(checkpoint_file: str, cmd: str = "") -> Tuple[torch
         raise UserFacingError(f"{checkpoint_file} is not an nnU-Net training checkpoint (no network_weights/"
                               f"init_args/trainer_name).{hint}")
     name = ckpt["trainer_name"]
-    cls = _find_trainer_class(name)
-    if cls is None:
-        if not name.startswith(DENOISER_TRAINER):
-            raise UserFacingError(f"{checkpoint_file} was written by trainer {name}, which is not a label denoiser "
-                                  f"and cannot be found.{hint}")
-        cls = nnUNetTrainerLabelDenoiser
-    elif not issubclass(cls, nnUNetTrainerLabelDenoiser):
-        raise UserFacingError(f"{checkpoint_file} was written by {name}, not by {DENOISER_TRAINER} (or a subclass): "
-                              f"it is a segmenter, not a label denoiser.{hint}")
+    mark = ckpt.get(DENOISER_MARK)
+    if mark is None and not name.startswith(DENOISER_TRAINER):  # before the mark: known by the trainer's name
+        raise UserFacingError(f"{checkpoint_file} was written by {name}, which is not a label denoiser: the "
+                              f"checkpoint has no {DENOISER_MARK!r} entry (written by {DENOISER_TRAINER} and its "
+                              f"subclasses) and is not a {DENOISER_TRAINER} checkpoint from before that entry "
+                              f"existed. A segmenter's checkpoint cannot be used as a denoiser.{hint}")
+    if mark is not None and (not isinstance(mark, dict) or mark.get("format") != DENOISER_MARK_FORMAT
+                             or mark.get("network") != LabelDenoiserAE.__name__):
+        raise UserFacingError(f"{checkpoint_file}: its {DENOISER_MARK!r} entry {mark!r} is not one this version of "
+                              f"nnunet_sud reads (format {DENOISER_MARK_FORMAT}, network {LabelDenoiserAE.__name__})."
+                              f"{hint}")
     init = ckpt["init_args"]
     try:
         plans = dict(init["plans"])
@@ -242,11 +239,12 @@ def load_denoiser_checkpoint(checkpoint_file: str, cmd: str = "") -> Tuple[torch
         lm = pm.get_label_manager(init["dataset_json"])
     except Exception as e:
         raise UserFacingError(f"{checkpoint_file}: cannot restore its plans/configuration ({type(e).__name__}: {e}).{hint}")
-    if lm.has_regions:
-        raise UserFacingError(f"{checkpoint_file} was trained with region-based labels; a label denoiser needs "
-                              f"plain integer labels.{hint}")
+    require_exclusive_classes(lm, f"the label denoiser {checkpoint_file}", f"Train it on plain integer labels.{hint}")
     n = lm.num_segmentation_heads
-    net = cls.build_network_architecture(pm, cm, n, n, False)
+    if mark is not None and mark.get("num_classes") != n:
+        raise UserFacingError(f"{checkpoint_file}: its {DENOISER_MARK!r} entry says {mark.get('num_classes')} classes, "
+                              f"its dataset.json {n}: the checkpoint is inconsistent.{hint}")
+    net = build_label_denoiser(pm, cm, n, deep_supervision=False)
     try:
         net.load_state_dict(ckpt["network_weights"])
     except RuntimeError as e:
@@ -282,15 +280,11 @@ def load_denoiser(dataset_name_or_id: Union[int, str], plans_identifier: str, co
         DenoiserQualityWarning: its recorded validation shows it degrades clean (sigma = 0) or mildly
             noisy maps, or there is no such record (``recorded_validation_problems``).
     """
-    from nnunet_sud.denoiser.data import resolve_dataset_name
-
     name = resolve_dataset_name(dataset_name_or_id)
     cmd = train_command(name, configuration, fold, plans_identifier)
     pm_s, cm_s, ds_s = _segmenter_setup(name, plans_identifier, configuration, cmd)
     lm_s = pm_s.get_label_manager(ds_s)
-    if lm_s.has_regions:
-        raise UserFacingError(f"dataset {name} uses region-based labels; label denoisers (and SUD) need plain "
-                              f"integer labels in dataset.json")
+    require_exclusive_classes(lm_s, f"A label denoiser (and every method that uses one, for {name})")
     ckpt_file = find_denoiser_checkpoint(name, plans_identifier, configuration, fold)
     net, info = load_denoiser_checkpoint(ckpt_file, cmd)
     problem = recorded_validation_problems(ckpt_file)

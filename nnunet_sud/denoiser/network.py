@@ -1,6 +1,7 @@
 """The label-map denoiser network: an nnU-Net-planned auto-encoder without skip connections.
 
-SUD (Young et al., "Supervision by Denoising", seed 000) §3.4 and Fig. 6: "Our denoisers share
+SUD (Young et al., "SUD: Supervision by Denoising for Medical Image Segmentation",
+2022) §3.4 and Fig. 6: "Our denoisers share
 the same structure as our U-Net segmenters except for their lack of skip connections." A U-Net
 denoiser could copy its input through the skips and only learn to subtract the noise; an
 auto-encoder has to reconstruct the label map from the bottleneck, i.e. it learns the latent
@@ -122,15 +123,6 @@ class LabelDenoiserAE(nn.Module):
 
     def forward(self, x: torch.Tensor):
         return self.decoder(self.encoder(x))
-
-
-def check_label_manager_supported(label_manager, what: str = "The label-map denoiser") -> None:
-    """Raise ``UserFacingError`` for label set-ups the denoiser cannot model (region-based training)."""
-    if label_manager.has_regions:
-        raise UserFacingError(
-            f"{what} needs mutually exclusive classes (softmax maps), but this dataset.json defines "
-            f"region-based labels (overlapping regions, sigmoid outputs): {label_manager.all_regions}. "
-            f"Train the denoiser on a dataset.json with plain integer labels.")
 
 
 def build_label_denoiser(plans_manager, configuration_manager, num_classes: int,

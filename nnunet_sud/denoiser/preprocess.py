@@ -77,7 +77,7 @@ def preprocess_denoiser_labels(dataset_name_or_id, configuration: str, plans_ide
 
     from nnunet_sud.denoiser.data import (DENOISER_LABELS_RAW_FOLDER, denoiser_labels_folder, raw_denoiser_label_files,
                                           resolve_dataset_name)
-    from nnunet_sud.denoiser.network import check_label_manager_supported
+    from nnunet_sud.network_helpers import require_exclusive_classes
     from nnunet_sud.unlabeled.preprocess import plan_command
 
     if not nnUNet_raw or not nnUNet_preprocessed:
@@ -95,7 +95,8 @@ def preprocess_denoiser_labels(dataset_name_or_id, configuration: str, plans_ide
                               f"{', '.join(pm.available_configurations)}")
     cm = pm.get_configuration(configuration)
     dataset_json = load_json(dataset_json_file)
-    check_label_manager_supported(pm.get_label_manager(dataset_json))
+    require_exclusive_classes(pm.get_label_manager(dataset_json), "The label-map denoiser",
+                              "Train the denoiser on a dataset.json with plain integer labels.")
     raw_folder = os.path.join(nnUNet_raw, name)
     file_ending = dataset_json["file_ending"]
     files = raw_denoiser_label_files(raw_folder, file_ending)

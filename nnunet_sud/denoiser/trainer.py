@@ -38,9 +38,13 @@ augmentation, Dice+CE loss with deep supervision, poly LR, checkpoints -- is nnU
 Checkpoints are written atomically and augmentation workers die with the training, as for the
 semi-supervised trainers (``nnunet_sud.robust_training``).
 
-The trained model folder is an ordinary nnU-Net folder;
-``nnunet_sud.denoiser.loading.load_denoiser`` finds and loads it for the SUD trainers.
+The trained model folder is an ordinary nnU-Net folder; each checkpoint also carries a
+``label_denoiser`` entry (``loading.DENOISER_MARK``) by which ``nnunet_sud.denoiser.loading.load_denoiser``
+recognises it when it loads it for the trainers that use a denoiser (``trainers/denoiser_mixin.py``).
 """
+# the trainer, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerLabelDenoiser"]
+
 import copy
 from typing import List
 
@@ -49,13 +53,15 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join, save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_sud.denoiser.corruption import LabelMapCorruption, labels_to_one_hot
+from nnunet_sud.denoiser.corruption import LabelMapCorruption
 from nnunet_sud.denoiser.data import (DENOISER_LABELS_RAW_FOLDER, LabelMapDataset, dataset_id_of,
                                       denoiser_labels_folder, open_denoiser_labels, raw_denoiser_label_files)
 from nnunet_sud.denoiser.evaluation import (DEFAULT_EVAL_SETTINGS, DenoiserEvaluator, evaluate_preprocessed_cases,
                                             format_results)
-from nnunet_sud.denoiser.network import build_label_denoiser, check_label_manager_supported
+from nnunet_sud.denoiser.loading import DENOISER_MARK, denoiser_mark
+from nnunet_sud.denoiser.network import build_label_denoiser
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot, require_exclusive_classes, unwrap_network
 from nnunet_sud.robust_training import RobustTrainerMixin
 
 VALIDATION_JSON = "denoiser_validation.json"
@@ -127,7 +133,8 @@ class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
         # own copy: initialize() writes the denoiser's (narrower) architecture into the plans it saves
         plans = copy.deepcopy(plans)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        check_label_manager_supported(self.label_manager, f"{type(self).__name__}")
+        require_exclusive_classes(self.label_manager, type(self).__name__,
+                                  "Train the denoiser on a dataset.json with plain integer labels.")
         # the denoiser reads label maps only: no previous-stage segmentation even for cascade configs
         self.is_cascaded = False
         self.folder_with_segs_from_previous_stage = None
@@ -184,6 +191,14 @@ class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
         narrow_architecture(arch, self.denoiser_features_scale, self.denoiser_num_stages)
         self.plans_manager.plans["configurations"][self.configuration_name]["architecture"] = copy.deepcopy(arch)
 
+    def complete_checkpoint_file(self, path: str) -> None:
+        """Every checkpoint says that it holds a label denoiser (``loading.DENOISER_MARK``), so that
+        ``load_denoiser`` recognises it without looking up the trainer class by name."""
+        super().complete_checkpoint_file(path)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint[DENOISER_MARK] = denoiser_mark(self.label_manager.num_segmentation_heads)
+        torch.save(checkpoint, path)
+
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()
         if self.denoiser_batch_size and not self.is_ddp:
@@ -206,12 +221,6 @@ class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
         hist = self._local_logging()
         if hist is not None:
             hist.setdefault(_HISTORY_KEY, [])
-
-    def _plain_network(self) -> torch.nn.Module:
-        """The network without DDP / torch.compile wrappers (shares the parameters)."""
-        from torch._dynamo import OptimizedModule
-        mod = self.network.module if self.is_ddp else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     @property
     def corruption(self) -> LabelMapCorruption:
@@ -258,8 +267,7 @@ class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
         batch['target']: (B, 1, *patch) labels, or the deep-supervision list of them.
         Returns a new batch whose 'data' is (B, C, *patch) corrupted probabilities on the device.
         """
-        target = batch["target"]
-        seg = (target[0] if isinstance(target, list) else target).to(self.device, non_blocking=True)
+        seg = full_resolution(batch["target"]).to(self.device, non_blocking=True)
         onehot = labels_to_one_hot(seg, self.label_manager.num_segmentation_heads, has_channel_axis=True)
         batch = dict(batch)
         batch["data"] = self.corruption(onehot)
@@ -278,7 +286,8 @@ class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
 
     def _get_evaluator(self) -> DenoiserEvaluator:
         if self._evaluator is None:
-            self._evaluator = DenoiserEvaluator(self._plain_network(), self.plans_manager, self.configuration_manager,
+            self._evaluator = DenoiserEvaluator(unwrap_network(self.network), self.plans_manager,
+                                                self.configuration_manager,
                                                 self.dataset_json, self.device, self.denoiser_eval_settings,
                                                 self.denoiser_eval_seed)
         return self._evaluator
@@ -291,7 +300,7 @@ class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
 
     def evaluate_denoiser(self, max_cases=None) -> dict:
         """Noisy-vs-denoised Dice/HD95 on the validation label maps at ``denoiser_eval_settings``."""
-        net = self._plain_network()
+        net = unwrap_network(self.network)
         was_training = net.training
         ds_state = net.decoder.deep_supervision
         net.decoder.deep_supervision = False

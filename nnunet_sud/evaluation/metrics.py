@@ -46,15 +46,21 @@ References
 * Maier, MedPy (``medpy.metric.binary.hd95``, ``__surface_distances``).
 * Yu et al., UA-MT, MICCAI 2019; Luo, SSL4MIS (use of medpy's hd95 on LA / ACDC).
 """
+__all__ = [
+    "dice",
+    "hd95",
+    "surface_distances",
+    "surface_mask",
+    "image_diagonal",
+    "confusion_counts",
+    "squeeze_singleton_axes",
+]
+
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = [
-    "dice", "hd95", "surface_distances", "surface_mask", "image_diagonal", "confusion_counts",
-    "squeeze_singleton_axes",
-]
 
 SpacingLike = Union[None, float, Sequence[float]]
 

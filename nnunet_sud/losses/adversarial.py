@@ -1,4 +1,5 @@
-"""Adversarial losses of SegMatch (seed 003) and DMNet (seed 004), on discriminator *logits*.
+"""Adversarial losses of SegMatch (Motaghi et al., "SegMatch: Semi-supervised semantic
+segmentation") and DMNet (Fang & Li, MICCAI 2020), on discriminator *logits*.
 
 Discriminators here output logits a; D = sigmoid(a). All terms are written with
 ``logsigmoid``/``binary_cross_entropy_with_logits`` (log D = logsigmoid(a),

@@ -1,4 +1,5 @@
-"""Losses that make two predictions of the same unlabeled image agree (DMNet, seed 004).
+"""Losses that make two predictions of the same unlabeled image agree (DMNet: Fang & Li,
+MICCAI 2020).
 
 Fang & Li, "DMNet: Difference Minimization Network for Semi-supervised Segmentation in Medical
 Images" (MICCAI 2020), §3.2-3.3:
@@ -8,10 +9,14 @@ Images" (MICCAI 2020), §3.2-3.3:
 
 with Y1, Y2 the sharpened soft masks of the two decoders. Gradients flow through *both* masks
 ("the loss can be backpropagated through two terms"): each decoder learns from the other.
+L_semi is the package's soft Dice (``losses/soft_targets.soft_dice_loss``) in its plain form, over
+all classes, with gradients into both arguments.
 """
 from typing import Optional
 
 import torch
+
+from nnunet_sud.losses.soft_targets import soft_dice_loss
 
 
 def sharpen(probs: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -34,7 +39,8 @@ def sharpen(probs: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
 
 def dice_difference_loss(p1: torch.Tensor, p2: torch.Tensor, mask: Optional[torch.Tensor] = None,
                          include_background: bool = True, smooth: float = 1e-5) -> torch.Tensor:
-    """DMNet's L_semi: 1 - mean over samples and classes of 2 sum(p1 p2) / (sum p1 + sum p2).
+    """DMNet's L_semi: 1 - mean over samples and classes of 2 sum(p1 p2) / (sum p1 + sum p2)
+    (``soft_dice_loss(p1, p2, form="plain", include_background=True, detach_target=False)``).
 
     Args:
         p1, p2: (B, C, *S) soft masks of the two decoders (both keep their gradients).
@@ -46,13 +52,5 @@ def dice_difference_loss(p1: torch.Tensor, p2: torch.Tensor, mask: Optional[torc
     Returns:
         scalar in [0, 1]; 0 when p1 = p2 is one-hot.
     """
-    p1, p2 = p1.float(), p2.float()
-    if not include_background:
-        p1, p2 = p1[:, 1:], p2[:, 1:]
-    if mask is not None:
-        m = mask[:, None].to(p1.dtype)
-        p1, p2 = p1 * m, p2 * m
-    axes = tuple(range(2, p1.ndim))
-    inter = (p1 * p2).sum(axes)
-    denom = p1.sum(axes) + p2.sum(axes)
-    return 1 - ((2 * inter + smooth) / (denom + smooth)).mean()
+    return soft_dice_loss(p1.float(), p2.float(), mask, include_background=include_background, smooth=smooth,
+                          form="plain", detach_target=False)

@@ -3,24 +3,26 @@
 Notation (all tensors are probabilities, not logits):
     p_s    (B, C, *spatial)  student softmax on the unlabeled patch
     p_t    (B, C, *spatial)  teacher softmax on the perturbed patch (a constant: no gradient)
-    p_hat  (B, C, *spatial)  denoised teacher prediction DAE(p_t)              (seed 001 §2.3)
+    p_hat  (B, C, *spatial)  denoised teacher prediction DAE(p_t)              (DAE-MT §2.3)
     w      (B, *spatial)     per-voxel weight or mask of the consistency term
     U      (B, *spatial)     per-voxel uncertainty
 
 Squared distance per voxel, ``d_v = reduce_c (p_s,v,c - p_t,v,c)^2`` with ``reduce_c`` either the
-sum over classes (``||p_s,v - p_t,v||^2`` as written in seed 001 §2.3) or the mean over classes
+sum over classes (``||p_s,v - p_t,v||^2`` as written in DAE-MT §2.3) or the mean over classes
 (what the mean-teacher and UA-MT reference implementations compute: an element-wise MSE of the
 two softmaxes, averaged over classes and voxels).
 
-Weighted consistency (seed 001, §2.3; UA-MT, Yu et al. MICCAI 2019, with a binary mask):
+Weighted consistency (DAE-MT: Adiga Vasudeva, Dolz, Lombaert, "Leveraging Labeling Representations
+in Uncertainty-based Semi-supervised Segmentation", MICCAI 2022, §2.3; UA-MT, Yu et al. MICCAI 2019,
+with a binary mask):
 
     L_c = sum_v w_v d_v / sum_v w_v                                   (sums over batch and voxels)
 
 Uncertainty measures:
     entropy of a prediction     H(p)_v = - sum_c p_v,c log(p_v,c + 1e-6)   (UA-MT, 1e-6 as there)
     Monte-Carlo uncertainty     H(mean_k p^(k))_v over K stochastic passes  (UA-MT)
-    DAE uncertainty             U_v = ||p_hat_v - p_t_v||^2 = sum_c (p_hat - p_t)^2   (seed 001)
-    reliability weight          w_v = exp(-kappa U_v)                           (seed 001, kappa = 1)
+    DAE uncertainty             U_v = ||p_hat_v - p_t_v||^2 = sum_c (p_hat - p_t)^2   (DAE-MT)
+    reliability weight          w_v = exp(-kappa U_v)                           (DAE-MT, kappa = 1)
 """
 import math
 from typing import Optional
@@ -53,7 +55,7 @@ def squared_distance(p_s: torch.Tensor, p_t: torch.Tensor, class_reduction: str 
 
 def weighted_consistency(p_s: torch.Tensor, p_t: torch.Tensor, weight: Optional[torch.Tensor] = None,
                          class_reduction: str = "sum", eps: float = 1e-16) -> torch.Tensor:
-    """``sum_v w_v d_v / sum_v w_v`` (seed 001 eq. of §2.3; UA-MT's masked MSE for a 0/1 ``w``).
+    """``sum_v w_v d_v / sum_v w_v`` (DAE-MT, eq. of §2.3; UA-MT's masked MSE for a 0/1 ``w``).
 
     Args:
         p_s: (B, C, *spatial) student probabilities.
@@ -101,7 +103,7 @@ def mc_entropy(p_k: torch.Tensor, eps: float = ENTROPY_EPS) -> torch.Tensor:
 
 
 def dae_uncertainty(p_hat: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
-    """Seed 001 §2.3: ``U_v = ||p_hat_v - p_t_v||^2`` (sum over classes), in [0, 2].
+    """DAE-MT §2.3: ``U_v = ||p_hat_v - p_t_v||^2`` (sum over classes), in [0, 2].
 
     Args:
         p_hat: (B, C, *spatial) the denoiser's reconstruction of the teacher prediction.
@@ -113,7 +115,7 @@ def dae_uncertainty(p_hat: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
 
 
 def exp_reliability(uncertainty: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
-    """Seed 001 §2.3 (after URPC): the weight ``exp(-kappa U)`` of each voxel, in (0, 1]."""
+    """DAE-MT §2.3 (after URPC): the weight ``exp(-kappa U)`` of each voxel, in (0, 1]."""
     return torch.exp(-float(kappa) * uncertainty.float())
 
 

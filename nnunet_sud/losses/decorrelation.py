@@ -1,7 +1,7 @@
 """The normalised-covariance penalty of SUD^2 against mode collapse.
 
 Chan, Young, Metzler, "SUD^2: Supervision by Denoising Diffusion Models for Image Reconstruction"
-(seed 002), §3, after Corollary 3.2:
+(arXiv:2303.09642, 2023), §3, after Corollary 3.2:
 
     "we introduce an additional penalty L_reg = cov(A, B) / (sigma_A sigma_B) which computes the
     normalized covariance between intermediate latent vectors outputted by the encoder block of

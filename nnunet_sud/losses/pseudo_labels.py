@@ -1,4 +1,5 @@
-"""Which pseudo-labels count, and the cross-entropy on them (SegMatch, seed 003; FixMatch).
+"""Which pseudo-labels count, and the cross-entropy on them (SegMatch: Motaghi et al.,
+"SegMatch: Semi-supervised semantic segmentation"; FixMatch).
 
 SegMatch §3.3: the pseudo mask of an unlabeled image is Y_hat = argmax of the prediction on its
 weak view; a gate decides where it is used. The four gates of the paper, each returning a

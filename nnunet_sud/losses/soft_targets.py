@@ -1,7 +1,16 @@
-"""Losses between a network's softmax and fixed soft targets, masked to valid voxels.
+"""Soft Dice and KL between a network's softmax and soft targets, masked to valid voxels.
 
 Used by SUD and temporal ensembling (Young et al., "SUD: Supervision by Denoising for Medical
-Image Segmentation", eq. 7-8: lambda * D(z_n, f(u_n | Theta)) with z_n fixed).
+Image Segmentation", 2023, eq. 7-8: lambda * D(z_n, f(u_n | Theta)) with z_n fixed), and, with
+both arguments keeping their gradients, by DMNet's agreement of two decoders
+(``losses/agreement.py``): ``soft_dice_loss`` is the package's one soft Dice.
+
+Why not nnU-Net's ``SoftDiceLoss``: its form is the "plain" one below (with ``do_bg=False`` and
+``ddp=False`` it gives the same number, tests/test_soft_dice.py), but SUD's default is the squared
+form of eq. 15, which nnU-Net does not have, and one implementation of both forms keeps the
+``_plainDice`` variants comparable with the default. Deep supervision goes through nnU-Net's
+``DeepSupervisionWrapper`` (``trainers/sud.py``), with the targets downsampled here
+(``downsample_targets``).
 """
 from typing import List, Optional, Sequence
 
@@ -14,8 +23,8 @@ DICE_FORMS = ("squared", "plain")
 
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
                    include_background: bool = False, batch_dice: bool = False,
-                   smooth: float = 1e-5, form: str = "squared") -> torch.Tensor:
-    """Soft Dice loss 1 - mean_c d_c between a softmax f and a fixed soft target z, over valid voxels.
+                   smooth: float = 1e-5, form: str = "squared", detach_target: bool = True) -> torch.Tensor:
+    """Soft Dice loss 1 - mean_c d_c between a softmax f and a soft target z, over valid voxels.
 
     ``form="squared"`` (default): SUD's Dice (Young et al., "SUD: Supervision by Denoising for
     Medical Image Segmentation", Appendix A, eq. 15; the V-Net Dice of Milletari et al.)
@@ -31,21 +40,24 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[tor
         d_c = (2 sum(m z f) + s) / (sum(m z) + sum(m f) + s)
 
     Its best f for a soft z is a thresholded z (f -> 1 where z is large enough, 0 elsewhere):
-    hard pseudo-labels, not the soft target. Kept as a named variant (``_plainDice`` trainers).
+    hard pseudo-labels, not the soft target. Kept as a named variant (``_plainDice`` trainers); it
+    is also DMNet's L_semi (two predictions, both with gradient: ``detach_target=False``).
 
     Args:
         probs:  (B, C, *S) softmax of the network (gradients flow through it).
-        target: (B, C, *S) soft targets (treated as constants).
+        target: (B, C, *S) soft targets (constants unless ``detach_target`` is False).
         mask:   (B, *S) bool, voxels that count; None: all.
         include_background: count class 0 (nnU-Net's default for softmax outputs: no).
         batch_dice: sum over the batch before the ratio (nnU-Net's ``batch_dice`` of the plans).
         form: "squared" or "plain", see above.
+        detach_target: treat ``target`` as a constant (SUD's fixed z); False: gradients flow into
+            both arguments (DMNet: each decoder learns from the other).
     Returns:
         scalar loss in [0, 1].
     """
     if form not in DICE_FORMS:
         raise ValueError(f"soft Dice form {form!r}: use one of {DICE_FORMS}")
-    target = target.detach().to(probs.dtype)
+    target = (target.detach() if detach_target else target).to(probs.dtype)
     if not include_background:
         probs, target = probs[:, 1:], target[:, 1:]
     if mask is not None:

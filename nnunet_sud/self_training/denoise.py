@@ -1,9 +1,9 @@
 """The label-map denoiser applied to a teacher's probabilities: offline SUD (``--denoise``).
 
-SUD (Young et al., "Supervision by Denoising", seed 000) pulls its targets towards ``a(f)``, the
-denoiser applied to the segmenter's softmax, inside training. Self-training can use the same
-spatial prior once per round: the pseudo-label becomes ``argmax a(P)`` of the teacher's softmax
-``P``, without SUD's per-iteration temporal loop.
+SUD (Young et al., "SUD: Supervision by Denoising for Medical Image Segmentation", 2022) pulls its
+targets towards ``a(f)``, the denoiser applied to the segmenter's softmax, inside training.
+Self-training can use the same spatial prior once per round: the pseudo-label becomes ``argmax
+a(P)`` of the teacher's softmax ``P``, without SUD's per-iteration temporal loop.
 
 The denoiser learned label maps in the configuration's preprocessed voxel space (its spacing, crop
 and axis order), while ``nnUNetv2_predict`` saves ``P`` on the case's own grid. So ``P`` is mapped

@@ -6,20 +6,30 @@
         ...
 
 nnU-Net finds these classes through the folder printed by ``nnunet-sud trainer-path``
-(put it into ``nnUNet_extTrainer``). One import line per trainer module, above ``__all__``.
-"""
-from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised  # noqa: F401
-from nnunet_sud.trainers.unlabeled_stats import nnUNetTrainerUnlabeledStats  # noqa: F401
-from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser  # noqa: F401
-from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase  # noqa: F401
-from nnunet_sud.trainers.mean_teacher import nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacher_noDropout  # noqa: F401
-from nnunet_sud.trainers.uamt import nnUNetTrainerUAMT, nnUNetTrainerUAMT_lnC  # noqa: F401
-from nnunet_sud.trainers.dae_uncertainty import *  # noqa: F401,F403  (nnUNetTrainerDAEUncertainty + ablation variants)
-from nnunet_sud.trainers.post_denoise import nnUNetTrainerPostDenoise  # noqa: F401
-from nnunet_sud.trainers.sud import nnUNetTrainerSUD, nnUNetTrainerSUDMeanTeacher, nnUNetTrainerTE  # noqa: F401
-from nnunet_sud.trainers.sud_variants import *  # noqa: F401,F403
-from nnunet_sud.trainers.sud2 import *  # noqa: F401,F403  (nnUNetTrainerSUD2 + one-change variants)
-from nnunet_sud.trainers.segmatch import *  # noqa: F401,F403  (nnUNetTrainerSegMatch + gating variants)
-from nnunet_sud.trainers.dmnet import *  # noqa: F401,F403  (nnUNetTrainerDMNet + ablation variants)
+(put it into ``nnUNet_extTrainer``).
 
-__all__ = sorted(n for n in dir() if n.startswith("nnUNetTrainer"))
+``__all__`` convention (the whole package): a module that exports names lists them in a literal
+``__all__`` right below its docstring; a trainer module lists its trainer classes there. This
+package star-imports every trainer module (one line per module) and its ``__all__`` is theirs
+together: adding a trainer is adding its name to its module's ``__all__``.
+"""
+from nnunet_sud.denoiser import trainer as _denoiser_trainer
+from nnunet_sud.denoiser.trainer import *  # noqa: F401,F403
+from nnunet_sud.trainers import (dae_uncertainty, dmnet, mean_teacher, post_denoise, segmatch, semi_supervised, sud,
+                                 sud2, sud_variants, teacher, uamt, unlabeled_stats)
+from nnunet_sud.trainers.semi_supervised import *  # noqa: F401,F403
+from nnunet_sud.trainers.unlabeled_stats import *  # noqa: F401,F403
+from nnunet_sud.trainers.teacher import *  # noqa: F401,F403
+from nnunet_sud.trainers.mean_teacher import *  # noqa: F401,F403
+from nnunet_sud.trainers.uamt import *  # noqa: F401,F403
+from nnunet_sud.trainers.dae_uncertainty import *  # noqa: F401,F403
+from nnunet_sud.trainers.post_denoise import *  # noqa: F401,F403
+from nnunet_sud.trainers.sud import *  # noqa: F401,F403
+from nnunet_sud.trainers.sud_variants import *  # noqa: F401,F403
+from nnunet_sud.trainers.sud2 import *  # noqa: F401,F403
+from nnunet_sud.trainers.segmatch import *  # noqa: F401,F403
+from nnunet_sud.trainers.dmnet import *  # noqa: F401,F403
+
+_TRAINER_MODULES = (semi_supervised, unlabeled_stats, _denoiser_trainer, teacher, mean_teacher, uamt, dae_uncertainty,
+                    post_denoise, sud, sud_variants, sud2, segmatch, dmnet)
+__all__ = sorted(name for module in _TRAINER_MODULES for name in module.__all__)

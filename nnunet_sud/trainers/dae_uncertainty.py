@@ -1,11 +1,12 @@
-"""``nnUNetTrainerDAEUncertainty``: uncertainty from a labeling representation (seed 001) on nnU-Net.
+"""``nnUNetTrainerDAEUncertainty``: uncertainty from a labeling representation (DAE-MT) on nnU-Net.
 
     nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerLabelDenoiser     # the DAE, once
     nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerDAEUncertainty
 
-Seed 001 ("Leveraging Labeling Representations in Uncertainty-Based Semi-supervised
-Segmentation"), §2.1-2.3: a mean teacher whose consistency is weighted by an uncertainty read
-off a pre-trained denoising auto-encoder of label maps, with a single DAE inference per step:
+DAE-MT: Adiga Vasudeva, Dolz, Lombaert, "Leveraging Labeling Representations in Uncertainty-based
+Semi-supervised Segmentation" (MICCAI 2022), §2.1-2.3: a mean teacher whose consistency is weighted
+by an uncertainty read off a pre-trained denoising auto-encoder of label maps, with a single DAE
+inference per step:
 
     p_s   = softmax f(x_u; theta_s)                       student on the unlabeled patch
     p_t   = softmax f(x_u + xi; theta_t)                  EMA teacher on the noisy patch
@@ -23,7 +24,7 @@ this package's label denoiser (``nnUNetTrainerLabelDenoiser``: skip-free auto-en
 the same plans; the paper's DAE is a skip-free V-net with a dense bottleneck, trained with its
 own label corruptions). It is applied to the teacher softmax via
 ``nnunet_sud.denoiser.corruption.apply_denoiser`` (log -> clip [-3, 0] -> softmax -> DAE ->
-softmax), loaded once at the start of training with ``load_denoiser`` (the default location or
+softmax), loaded once at the start of training by ``LabelDenoiserMixin`` (the default location or
 ``$nnUNet_denoiser``; a missing denoiser stops training before anything is built, naming the
 ``nnUNetv2_train ... -tr nnUNetTrainerLabelDenoiser`` command). It is *not* part of
 ``self.network``: checkpoints and ``nnUNetv2_predict`` contain and use the student only.
@@ -41,6 +42,22 @@ Ablations (small subclasses below):
              ``_lambda{0p01,0p05,0p5,1}`` lambda_max in {0.01, 0.05, 0.5, 1} (kappa = 1)
 Deep supervision: full-resolution outputs only (see ``teacher.py``).
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = [
+    "nnUNetTrainerDAEUncertainty",
+    "nnUNetTrainerDAEUncertainty_threshold",
+    "nnUNetTrainerDAEUncertainty_classSum",
+    "nnUNetTrainerDAEUncertainty_entropy",
+    "nnUNetTrainerDAEUncertainty_kappa0p1",
+    "nnUNetTrainerDAEUncertainty_kappa0p5",
+    "nnUNetTrainerDAEUncertainty_kappa2",
+    "nnUNetTrainerDAEUncertainty_kappa5",
+    "nnUNetTrainerDAEUncertainty_lambda0p01",
+    "nnUNetTrainerDAEUncertainty_lambda0p05",
+    "nnUNetTrainerDAEUncertainty_lambda0p5",
+    "nnUNetTrainerDAEUncertainty_lambda1",
+]
+
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -49,6 +66,7 @@ from nnunet_sud.denoiser.corruption import apply_denoiser
 from nnunet_sud.losses.consistency import (dae_uncertainty, entropy, exp_reliability, masked_mean, threshold_mask,
                                            weighted_consistency)
 from nnunet_sud.schedules import GaussianRampUp
+from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
 from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
 from nnunet_sud.schedules import GaussianRampBetween
 
@@ -57,8 +75,8 @@ from nnunet_sud.schedules import GaussianRampBetween
 DAE_UNCERTAINTY_MAX = 2.0
 
 
-class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
-    """Mean teacher with voxel weights exp(-kappa ||DAE(p_t) - p_t||^2) (seed 001)."""
+class nnUNetTrainerDAEUncertainty(LabelDenoiserMixin, nnUNetTrainerMeanTeacherBase):
+    """Mean teacher with voxel weights exp(-kappa ||DAE(p_t) - p_t||^2) (DAE-MT)."""
 
     extra_log_keys = ("uncertainty_mean", "reliability_mean")
 
@@ -73,19 +91,11 @@ class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
         #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
         #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
         self.feature_dropout = 0.5
-        self.denoiser = None
 
     # ------------------------------------------------------------------ the denoiser
-    def load_denoiser(self) -> torch.nn.Module:
-        """The trained label denoiser (frozen, eval mode, on ``self.device``); ``UserFacingError`` if missing."""
-        from nnunet_sud.denoiser.loading import load_denoiser
-        return load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
-                             self.configuration_name, self.fold, self.device)
-
     def prepare_method(self):
         super().prepare_method()
-        self.denoiser = self.load_denoiser()
-        self.print_to_log_file(f"Label denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
+        self.load_label_denoiser()  # LabelDenoiserMixin: a missing denoiser stops training here
 
     # ------------------------------------------------------------------ the terms
     def uncertainty(self, p_t: torch.Tensor, p_hat: torch.Tensor) -> torch.Tensor:
@@ -130,7 +140,7 @@ class nnUNetTrainerDAEUncertainty(nnUNetTrainerMeanTeacherBase):
 
 # ---------------------------------------------------------------------- Table 3 ablations
 class nnUNetTrainerDAEUncertainty_threshold(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 3 "Ours (threshold)": w_v = [U_v < H(t)], H(t) = (0.75 + 0.25 exp(-5(1-t)^2)) U_max,
+    """DAE-MT Table 3 "Ours (threshold)": w_v = [U_v < H(t)], H(t) = (0.75 + 0.25 exp(-5(1-t)^2)) U_max,
     U_max = 2 the largest ||p_hat - p_t||^2 (UA-MT's ramp on U's own range)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
@@ -150,7 +160,7 @@ class nnUNetTrainerDAEUncertainty_classSum(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_entropy(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 3 "Ours (entropy)": U_v = H((p_t + p_hat) / 2), w_v = exp(-kappa U_v)."""
+    """DAE-MT Table 3 "Ours (entropy)": U_v = H((p_t + p_hat) / 2), w_v = exp(-kappa U_v)."""
 
     def uncertainty(self, p_t, p_hat):
         return entropy(0.5 * (p_t.float() + p_hat.float()))
@@ -158,7 +168,7 @@ class nnUNetTrainerDAEUncertainty_entropy(nnUNetTrainerDAEUncertainty):
 
 # ---------------------------------------------------------------------- Table 4 ablations
 class nnUNetTrainerDAEUncertainty_kappa0p1(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: kappa = 0.1."""
+    """DAE-MT Table 4: kappa = 0.1."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -166,7 +176,7 @@ class nnUNetTrainerDAEUncertainty_kappa0p1(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_kappa0p5(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: kappa = 0.5."""
+    """DAE-MT Table 4: kappa = 0.5."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -174,7 +184,7 @@ class nnUNetTrainerDAEUncertainty_kappa0p5(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_kappa2(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: kappa = 2."""
+    """DAE-MT Table 4: kappa = 2."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -182,7 +192,7 @@ class nnUNetTrainerDAEUncertainty_kappa2(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_kappa5(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: kappa = 5."""
+    """DAE-MT Table 4: kappa = 5."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -190,7 +200,7 @@ class nnUNetTrainerDAEUncertainty_kappa5(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_lambda0p01(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: lambda_c(t) = 0.01 exp(-5 (1 - t)^2)."""
+    """DAE-MT Table 4: lambda_c(t) = 0.01 exp(-5 (1 - t)^2)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -198,7 +208,7 @@ class nnUNetTrainerDAEUncertainty_lambda0p01(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_lambda0p05(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: lambda_c(t) = 0.05 exp(-5 (1 - t)^2)."""
+    """DAE-MT Table 4: lambda_c(t) = 0.05 exp(-5 (1 - t)^2)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -206,7 +216,7 @@ class nnUNetTrainerDAEUncertainty_lambda0p05(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_lambda0p5(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: lambda_c(t) = 0.5 exp(-5 (1 - t)^2)."""
+    """DAE-MT Table 4: lambda_c(t) = 0.5 exp(-5 (1 - t)^2)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -214,11 +224,9 @@ class nnUNetTrainerDAEUncertainty_lambda0p5(nnUNetTrainerDAEUncertainty):
 
 
 class nnUNetTrainerDAEUncertainty_lambda1(nnUNetTrainerDAEUncertainty):
-    """Seed 001 Table 4: lambda_c(t) = 1 exp(-5 (1 - t)^2)."""
+    """DAE-MT Table 4: lambda_c(t) = 1 exp(-5 (1 - t)^2)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unlabeled_weight = GaussianRampUp(1.0)
 
-
-__all__ = sorted(n for n in dir() if n.startswith("nnUNetTrainerDAEUncertainty"))

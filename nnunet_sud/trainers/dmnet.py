@@ -66,14 +66,14 @@ from torch import nn
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_sud.denoiser.corruption import labels_to_one_hot
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.adversarial import dmnet_adversarial_loss, dmnet_discriminator_loss
 from nnunet_sud.losses.agreement import dice_difference_loss, sharpen
+from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot
 from nnunet_sud.schedules import Constant
-from nnunet_sud.trainers.adversarial import ConvDiscriminator, DiscriminatorMixin, LabeledBatchMixin, plan_strides
+from nnunet_sud.trainers.discriminator import ConvDiscriminator, DiscriminatorMixin, plan_strides
+from nnunet_sud.trainers.labeled_batch import LabeledBatchMixin
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
-from nnunet_sud.trainers.teacher import full_resolution
 
 Output = Union[torch.Tensor, Sequence[torch.Tensor]]
 

@@ -2,8 +2,8 @@
 
     nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerMeanTeacher
 
-The "MT" baseline of seed 001 (Table 1) and of UA-MT (Yu et al., MICCAI 2019), in the form of
-UA-MT's reference implementation:
+The "MT" baseline of Adiga Vasudeva et al. 2022 (Table 1) and of UA-MT (Yu et al., MICCAI 2019), in
+the form of UA-MT's reference implementation:
 
     L = L_sup(f(x_l; theta_s), y_l) + lambda_c(t) * L_c
     L_c = mean_{b, c, v in image} ( softmax f(x_u; theta_s) - softmax f(x_u + xi; theta_t) )^2
@@ -17,6 +17,9 @@ and voxels (the reference code's element-wise MSE of the two softmaxes). Consist
 full-resolution output (see ``teacher.py``). Voxels of a patch that lie outside the image
 (nnU-Net's padding, ``batch_u['valid']`` False) are left out. ``nnUNetv2_predict`` uses the student.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerMeanTeacher_noDropout"]
+
 from typing import Dict, Optional, Tuple
 
 import torch

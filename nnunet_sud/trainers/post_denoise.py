@@ -1,6 +1,6 @@
 """``nnUNetTrainerPostDenoise``: a supervised segmenter whose predictions are denoised (SUD's [63]).
 
-SUD (Young et al., seed 000) compares against "post-denoise": "implements [63] (Larrazabal et
+SUD (Young et al. 2022, arXiv:2202.02952) compares against "post-denoise": "implements [63] (Larrazabal et
 al.) and denoises baseline segmentations using SUD's denoiser" -- a supervised segmenter, and at
 inference the label denoiser applied to its output. Here the composition is the saved network:
 
@@ -36,6 +36,9 @@ The denoiser's architecture is rebuilt from the model folder's plans at predict 
 trained on the segmenter's plans/configuration (or one with the same architecture); otherwise the
 weights do not fit and a ``UserFacingError`` says so before training.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerPostDenoise"]
+
 import os
 import shutil
 from typing import Optional, Union
@@ -46,10 +49,12 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
-from nnunet_sud.denoiser.network import build_label_denoiser, check_label_manager_supported
+from nnunet_sud.denoiser.loading import find_denoiser_checkpoint, load_denoiser_checkpoint, train_command
+from nnunet_sud.denoiser.network import build_label_denoiser
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.network_helpers import require_exclusive_classes, unwrap_network
 from nnunet_sud.robust_training import atomic_torch_save
-from nnunet_sud.trainers.teacher import unwrap_network
+from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
 
 POSTDENOISE_TRAINER = "nnUNetTrainerPostDenoise"
 
@@ -122,13 +127,13 @@ def insert_denoiser(composed: nn.Module, denoiser: nn.Module, source: str = "the
     composed.denoiser.eval()
 
 
-class nnUNetTrainerPostDenoise(nnUNetTrainer):
+class nnUNetTrainerPostDenoise(LabelDenoiserMixin, nnUNetTrainer):
     """Supervised nnU-Net training; the saved network denoises its predictions (SUD's post-denoise baseline)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        check_label_manager_supported(self.label_manager, type(self).__name__)
+        require_exclusive_classes(self.label_manager, type(self).__name__)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -156,15 +161,12 @@ class nnUNetTrainerPostDenoise(nnUNetTrainer):
             self.network = composed
 
     def on_train_start(self):
-        from nnunet_sud.denoiser.loading import load_denoiser, train_command
-        denoiser = load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
-                                 self.configuration_name, self.fold, self.device)  # fails before anything is built
+        denoiser = self.load_label_denoiser()  # LabelDenoiserMixin: fails before anything is built
         super().on_train_start()
-        info = getattr(denoiser, "denoiser_info", {})
-        insert_denoiser(self.network, denoiser, f"the denoiser {info.get('checkpoint', '')}",
-                        train_command(self.plans_manager.dataset_name, self.configuration_name, self.fold,
-                                      self.plans_manager.plans_name))
-        self.print_to_log_file(f"Post-denoise: label denoiser {info.get('checkpoint')} inserted into the network "
+        checkpoint = denoiser.denoiser_info["checkpoint"]
+        insert_denoiser(self.network, denoiser, f"the denoiser {checkpoint}", self.denoiser_train_command())
+        self.denoiser = None  # its weights now live in self.network (the composition's frozen denoiser)
+        self.print_to_log_file(f"Post-denoise: label denoiser {checkpoint} inserted into the network "
                                f"(frozen, applied at inference)")
 
 
@@ -187,7 +189,6 @@ def build_postdenoise_model_folder(dataset_name_or_id: Union[int, str], configur
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_sud.denoiser.data import resolve_dataset_name
-    from nnunet_sud.denoiser.loading import find_denoiser_checkpoint, load_denoiser_checkpoint, train_command
 
     if results_folder is None:
         from nnunetv2.paths import nnUNet_results as results_folder
@@ -225,7 +226,7 @@ def build_postdenoise_model_folder(dataset_name_or_id: Union[int, str], configur
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     lm = pm.get_label_manager(dataset_json)
-    check_label_manager_supported(lm, "Post-denoise")
+    require_exclusive_classes(lm, "Post-denoise")
     if den_info["num_classes"] != lm.num_segmentation_heads:
         raise UserFacingError(f"the denoiser {den_ckpt} has {den_info['num_classes']} classes, the segmenter "
                               f"{seg_ckpt} {lm.num_segmentation_heads}. Train a matching denoiser: {cmd}")

@@ -54,16 +54,16 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from nnunet_sud.denoiser.corruption import labels_to_one_hot
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.adversarial import segmatch_discriminator_loss
 from nnunet_sud.losses.pseudo_labels import (confidence_map_gate, gated_cross_entropy, identity_gate,
                                              mean_confidence_gate, score_gate)
+from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot
 from nnunet_sud.schedules import Constant
-from nnunet_sud.trainers.adversarial import ConvDiscriminator, DiscriminatorMixin, LabeledBatchMixin, plan_strides
+from nnunet_sud.trainers.discriminator import ConvDiscriminator, DiscriminatorMixin, plan_strides
+from nnunet_sud.trainers.labeled_batch import LabeledBatchMixin
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 from nnunet_sud.trainers.settings import DerivedDefault
-from nnunet_sud.trainers.teacher import full_resolution
 
 
 # ---------------------------------------------------------------------- the strong view

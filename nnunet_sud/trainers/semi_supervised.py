@@ -34,6 +34,9 @@ with ``L_sup`` nnU-Net's own loss (deep supervision included), ``t`` the trainin
 
 Inference is untouched: model folders of subclasses are ordinary nnU-Net model folders.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerSemiSupervised"]
+
 import os
 from typing import Dict, Optional, Tuple
 
@@ -47,11 +50,12 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.network_helpers import unwrap_network
 from nnunet_sud.robust_training import (CheckpointError, RobustTrainerMixin, describe_exception, temporary_path,
                                         workers_die_with_parent)
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.trainers.distributed import batch_share, gather_concatenated
-from nnunet_sud.trainers.logging import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
+from nnunet_sud.trainers.epoch_logger import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
 from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, cases_with_labels, make_augmenter, unlabeled_identifiers
 from nnunet_sud.unlabeled.preprocess import (INFO_SUFFIX, check_against_raw, configuration_fingerprint,
                                              unlabeled_folder_name)
@@ -131,6 +135,10 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
             if problem:
                 raise UserFacingError(f"{folder} does not match the unlabeled images: {problem.rstrip('.')}. Re-run: {cmd}")
         self.print_to_log_file(f"unlabeled data: {len(unlabeled_identifiers(folder))} cases in {folder}; {note}")
+
+    def plain_network(self) -> torch.nn.Module:
+        """``self.network`` without torch.compile/DDP wrappers (shares the parameters)."""
+        return unwrap_network(self.network)
 
     # ------------------------------------------------------------------ training progress
     def training_progress(self) -> float:

@@ -1,7 +1,7 @@
 """Supervision by denoising (SUD) and temporal ensembling (TE) as nnU-Net trainers.
 
 Young, Shi, Ramakrishnan, Boisvert, ... Dalca, "SUD: Supervision by Denoising for Semantic
-Segmentation" (seeds/000), §3.3, eq. 7-8. Per unlabeled patch u_n at iteration n:
+Segmentation" (arXiv:2202.02952, 2022), §3.3, eq. 7-8. Per unlabeled patch u_n at iteration n:
 
     f_n = f(u_n | Theta_n)                                   segmenter softmax   (B, C, *P)
     z_n = alpha (beta a(f_n) + (1 - beta) f_n) + (1 - alpha) z_n^-            eq. (8)
@@ -29,6 +29,9 @@ one of another epoch, stops ``--c`` with the way forward).
 At the end of training they are removed (``keep_soft_targets = True`` keeps them); the model
 folder is then an ordinary nnU-Net model folder for ``nnUNetv2_predict``.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerSUD", "nnUNetTrainerTE", "nnUNetTrainerSUDMeanTeacher"]
+
 import os
 import shutil
 import time
@@ -37,24 +40,28 @@ from collections import defaultdict
 from typing import Optional
 
 import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from torch import distributed as dist
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.soft_targets import downsample_targets, soft_dice_loss, soft_kl_loss
+from nnunet_sud.network_helpers import full_resolution
 from nnunet_sud.robust_training import CheckpointError, temporary_path
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.targets.store import SoftTargetStore
+from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 from nnunet_sud.trainers.settings import DerivedDefault
-from nnunet_sud.trainers.teacher import full_resolution, nnUNetTrainerMeanTeacherBase
+from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
 
 STORE_DIR = "soft_targets"
 
 
-class DenoisedTargetsMixin:
-    """What SUD and SUD-MT share: lambda/beta hyper-parameters, the denoiser, the spatial
-    denoising step beta a(f) + (1 - beta) f and the soft-target loss D(z, f)."""
+class DenoisedTargetsMixin(LabelDenoiserMixin):
+    """What SUD and SUD-MT share: lambda/beta hyper-parameters, the spatial denoising step
+    beta a(f) + (1 - beta) f and the soft-target loss D(z, f). The denoiser itself (labels check,
+    loading, whether it is needed) is ``LabelDenoiserMixin``'s."""
 
     #: lambda_max of the linear ramp of the unlabeled weight lambda
     lambda_max: float = 4.0
@@ -70,7 +77,6 @@ class DenoisedTargetsMixin:
 
     def _configure_denoised_targets(self):
         self.unlabeled_weight = None  # the base's 0 -> 1 ramp gives way to 0 -> lambda_max
-        self.denoiser = None
         #: seconds spent per component (read by benchmarks/sud_speed.py)
         self.component_times = defaultdict(float)
 
@@ -84,18 +90,8 @@ class DenoisedTargetsMixin:
                                   f"{self.beta}")
 
     def needs_denoiser(self) -> bool:
+        """The denoiser is called only for beta > 0 (TE: beta = 0)."""
         return self.beta > 0
-
-    def load_target_denoiser(self):
-        """Check labels and load the trained denoiser (clear error, before any training)."""
-        if self.label_manager.has_regions:
-            raise UserFacingError(f"{type(self).__name__} needs plain integer labels (softmax outputs); the dataset "
-                                  f"uses regions")
-        if self.needs_denoiser() and self.denoiser is None:
-            from nnunet_sud.denoiser.loading import load_denoiser
-            self.denoiser = load_denoiser(self.plans_manager.dataset_name, self.plans_manager.plans_name,
-                                          self.configuration_name, self.fold, self.device)
-            self.print_to_log_file(f"denoiser: {getattr(self.denoiser, 'denoiser_info', {}).get('checkpoint')}")
 
     @torch.no_grad()
     def denoise(self, f: torch.Tensor) -> torch.Tensor:
@@ -112,22 +108,23 @@ class DenoisedTargetsMixin:
             return f
         return self.beta * (self.denoise(f) if a_f is None else a_f) + (1 - self.beta) * f
 
+    def soft_target_term(self, logits: torch.Tensor, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """D(z, f) at one resolution: soft Dice of softmax(logits) against z over valid voxels (+ KL(z || f))."""
+        logits = logits.float()
+        term = soft_dice_loss(torch.softmax(logits, 1), z, valid, batch_dice=self.configuration_manager.batch_dice,
+                              form=self.dice_form)
+        if self.use_kl:
+            term = term + soft_kl_loss(torch.log_softmax(logits, 1), z, valid)
+        return term
+
     def soft_target_loss(self, outputs, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """D(z, f) summed over deep-supervision outputs with nnU-Net's weights."""
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        weights = getattr(self.loss, "weight_factors", None) or (1.0,)
-        targets = downsample_targets(z, valid, [o.shape[2:] for o in outputs])
-        loss = 0.0
-        for w, o, (z_s, m_s) in zip(weights, outputs, targets):
-            if w == 0:
-                continue
-            o = o.float()
-            term = soft_dice_loss(torch.softmax(o, 1), z_s, m_s, batch_dice=self.configuration_manager.batch_dice,
-                                  form=self.dice_form)
-            if self.use_kl:
-                term = term + soft_kl_loss(torch.log_softmax(o, 1), z_s, m_s)
-            loss = loss + w * term
-        return loss
+        """D(z, f) summed over deep-supervision outputs with nnU-Net's weights (its
+        ``DeepSupervisionWrapper``; z and valid are downsampled to each output's size)."""
+        weights = getattr(self.loss, "weight_factors", None)  # None: nnU-Net's loss without deep supervision
+        if not isinstance(outputs, (list, tuple)) or weights is None:
+            return self.soft_target_term(full_resolution(outputs), z, valid)
+        targets, masks = zip(*downsample_targets(z, valid, [o.shape[2:] for o in outputs]))
+        return DeepSupervisionWrapper(self.soft_target_term, weights)(outputs, targets, masks)
 
 
 class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
@@ -154,7 +151,7 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
     # ------------------------------------------------------------------ set-up
     def prepare_method(self):
         super().prepare_method()
-        self.load_target_denoiser()
+        self.load_label_denoiser()
         if not self._store_restored and self.local_rank == 0:
             self.store.clear()  # a fresh training starts without targets
         if self.is_ddp:
@@ -263,7 +260,7 @@ class nnUNetTrainerSUDMeanTeacher(DenoisedTargetsMixin, nnUNetTrainerMeanTeacher
 
     def prepare_method(self):
         super().prepare_method()
-        self.load_target_denoiser()
+        self.load_label_denoiser()
 
     def unlabeled_loss(self, batch_u: dict):
         outputs = self.network(batch_u["data"])

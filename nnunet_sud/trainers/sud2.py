@@ -2,7 +2,7 @@
 penalty on encoder latents, and multi-step denoising.
 
 Chan, Young, Metzler, "SUD^2: Supervision by Denoising Diffusion Models for Image Reconstruction"
-(seed 002), §3-3.1, three changes to SUD (Young et al., seed 000; ``nnUNetTrainerSUD``):
+(arXiv:2303.09642, 2023), §3-3.1, three changes to SUD (Young et al. 2022; ``nnUNetTrainerSUD``):
 
 1. Noise before the denoiser (eq. 9, against the blurry minimiser of Corollary 3.3):
    D_sigma(f) -> D_sigma(f + nu_2), nu_2 ~ N(0, sigma_2^2 I). Our denoiser works on
@@ -83,8 +83,8 @@ from torch import nn
 from nnunet_sud.denoiser.corruption import corrupt_probabilities, denoiser_input
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.decorrelation import decorrelation_penalty
+from nnunet_sud.network_helpers import full_resolution
 from nnunet_sud.trainers.sud import nnUNetTrainerSUD
-from nnunet_sud.trainers.teacher import full_resolution
 
 
 class BottleneckUNet(nn.Module):
@@ -184,9 +184,8 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
 
     def on_train_start(self):
         super().on_train_start()
-        from nnunet_sud.trainers.teacher import unwrap_network
         if self.lambda2 > 0 and self.decorrelate == "segmenter" and \
-                not isinstance(unwrap_network(self.network), BottleneckUNet):
+                not isinstance(self.plain_network(), BottleneckUNet):
             raise UserFacingError(f"{type(self).__name__} decorrelates the segmenter's encoder latents, but the "
                                   f"planned architecture {self.configuration_manager.network_arch_class_name} has "
                                   f"no nnU-Net style encoder/decoder. Use decorrelate = 'denoiser' or lambda2 = 0.")
@@ -227,7 +226,7 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
     def unlabeled_loss(self, batch_u: dict):
         """L_unl = D(z, f) + (lambda_2 / lambda_max) L_reg, z SUD's eq. 8 target with R(F(f))."""
         bottleneck = None
-        if isinstance(self._plain_network(), BottleneckUNet):
+        if isinstance(self.plain_network(), BottleneckUNet):
             outputs, bottleneck = self.network(batch_u["data"], return_bottleneck=True)
         else:
             outputs = self.network(batch_u["data"])
@@ -246,10 +245,6 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
             l_reg = float("nan")
         return loss, {"alpha": alpha, "beta": self.beta, "target_new_fraction": self._new_fraction,
                       "latent_decorrelation": l_reg}
-
-    def _plain_network(self) -> nn.Module:
-        from nnunet_sud.trainers.teacher import unwrap_network
-        return unwrap_network(self.network)
 
 
 class nnUNetTrainerSUD2_noise(nnUNetTrainerSUD2):

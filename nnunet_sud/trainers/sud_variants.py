@@ -1,6 +1,23 @@
 """One-line variants of SUD for the paper's ablations (Young et al., Fig. 5: beta sweep at
 lambda_max = 4; lambda_max; the kidney task's soft Dice + KL) and the plain-sum Dice (nnU-Net's
 form, whose optimum is a thresholded target: SUD/TE as hard pseudo-label sharpening)."""
+# the trainers, registered in nnunet_sud.trainers
+__all__ = [
+    "nnUNetTrainerSUD_beta0p01",
+    "nnUNetTrainerSUD_beta0p02",
+    "nnUNetTrainerSUD_beta0p1",
+    "nnUNetTrainerSUD_beta0p2",
+    "nnUNetTrainerSUD_beta0p5",
+    "nnUNetTrainerSUD_beta1",
+    "nnUNetTrainerSUD_lambda1",
+    "nnUNetTrainerSUD_lambda2",
+    "nnUNetTrainerSUD_lambda8",
+    "nnUNetTrainerSUD_KL",
+    "nnUNetTrainerSUD_plainDice",
+    "nnUNetTrainerTE_plainDice",
+    "nnUNetTrainerSUDMeanTeacher_plainDice",
+]
+
 from nnunet_sud.trainers.sud import nnUNetTrainerSUD, nnUNetTrainerSUDMeanTeacher, nnUNetTrainerTE
 
 

@@ -1,11 +1,12 @@
 """The exponential-moving-average (EMA) teacher of the mean-teacher family, in one place.
 
-Mean teacher (Tarvainen & Valpola, NeurIPS 2017; seed 001 §2.1): the teacher has the student's
-architecture and weights that follow the student's by an EMA after every optimizer step,
+Mean teacher (Tarvainen & Valpola, NeurIPS 2017; Adiga Vasudeva et al. 2022, "DAE-MT", §2.1): the teacher has
+the student's architecture and weights that follow the student's by an EMA after every optimizer
+step,
 
     theta_t <- a_s theta_t + (1 - a_s) theta_s,      a_s = min(1 - 1 / (s + 1), decay)
 
-with decay 0.99 (seed 001, UA-MT). ``a_s`` is the warm-up of the reference implementations
+with decay 0.99 (DAE-MT, UA-MT). ``a_s`` is the warm-up of the reference implementations
 ("use the true average until the exponential average is more correct"): with it the teacher is
 the plain average of all student iterates as long as that average is younger than the EMA's
 memory. ``s`` counts the EMA updates done *before* this one, so the first update (s = 0, a = 0)
@@ -22,8 +23,7 @@ hooks (no module and no state-dict key changes, so model folders stay ordinary a
 DAE-MT, 0 for the base) switches it on. The teacher is kept in train mode like the student, as in
 the reference code (``ema_teacher_train_mode``), so its dropout is active too.
 
-What lives here
-    ``unwrap_network(net)``         the plain module inside torch.compile / DDP wrappers
+What lives here (``unwrap_network`` and ``full_resolution`` live in ``nnunet_sud.network_helpers``)
     ``add_feature_dropout(net, p)`` UA-MT's two channel dropouts as hooks of an nnU-Net U-Net
     ``EMATeacher``                  the teacher copy, its update, its state
     ``nnUNetTrainerMeanTeacherBase`` an ``nnUNetTrainerSemiSupervised`` that owns an ``EMATeacher``
@@ -45,45 +45,19 @@ Inference: the teacher is not part of ``self.network``; the saved ``network_weig
 ``nnUNetv2_predict`` uses) are the student's, as the papers evaluate the student. The teacher
 weights are in ``checkpoint_*_extra_state.pth`` beside each checkpoint.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerMeanTeacherBase"]
+
 import copy
-from typing import Dict, List, Tuple, Union
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
 from nnunet_sud.errors import UserFacingError
+from nnunet_sud.network_helpers import full_resolution, require_exclusive_classes, set_deep_supervision, unwrap_network
 from nnunet_sud.schedules import GaussianRampUp
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
-
-
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The plain module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers.
-
-    The returned module shares parameters with ``network``.
-    """
-    from torch._dynamo import OptimizedModule
-    from torch.nn.parallel import DistributedDataParallel
-    mod = network
-    for _ in range(4):  # DDP(compile(net)) as nnU-Net builds it, or compile(DDP(net)), or plain
-        if isinstance(mod, DistributedDataParallel):
-            mod = mod.module
-        elif isinstance(mod, OptimizedModule):
-            mod = mod._orig_mod
-        else:
-            break
-    return mod
-
-
-def full_resolution(output: Union[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, ...]]) -> torch.Tensor:
-    """The full-resolution logits of a network output (the first entry of a deep-supervision list)."""
-    return output[0] if isinstance(output, (list, tuple)) else output
-
-
-def set_deep_supervision(module: nn.Module, enabled: bool) -> None:
-    """Switch deep supervision of an nnU-Net style network (``.decoder.deep_supervision``), if it has one."""
-    decoder = getattr(module, "decoder", None)
-    if decoder is not None and hasattr(decoder, "deep_supervision"):
-        decoder.deep_supervision = enabled
 
 
 def channel_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -126,7 +100,7 @@ class EMATeacher:
 
     Args:
         student: the student (may be wrapped by torch.compile/DDP: the plain module is copied).
-        decay: the EMA decay (``alpha`` in the papers), 0.99 in seed 001 and UA-MT.
+        decay: the EMA decay (``alpha`` in the papers), 0.99 in DAE-MT and UA-MT.
         warmup: use ``min(1 - 1 / (step + 1), decay)`` (reference code) instead of ``decay``.
         train_mode: the mode the teacher is kept in (reference code: ``ema_model.train()``).
 
@@ -201,7 +175,7 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
     """Semi-supervised trainer with an EMA teacher of ``self.network`` (mean-teacher family).
 
     Hyper-parameters (set in a subclass's ``__init__`` after ``super().__init__``):
-        ema_decay = 0.99                    EMA decay (seed 001 §3, UA-MT)
+        ema_decay = 0.99                    EMA decay (DAE-MT §3, UA-MT)
         ema_warmup = True                   a_s = min(1 - 1/(s+1), ema_decay) (reference code)
         ema_teacher_train_mode = True       mode of the teacher copy (see module doc)
         teacher_noise_std = 0.1             UA-MT's teacher input noise: clip(N(0, 0.1^2), +-0.2)
@@ -230,10 +204,6 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
         self._teacher_restored = False
 
     # ------------------------------------------------------------------ teacher life cycle
-    def plain_network(self) -> nn.Module:
-        """``self.network`` without torch.compile/DDP wrappers (shares the parameters)."""
-        return unwrap_network(self.network)
-
     def check_settings(self):
         super().check_settings()
         if not 0.0 <= float(self.feature_dropout) < 1.0:
@@ -309,9 +279,7 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
 
     def require_exclusive_classes(self):
         """Raise for region-based label set-ups (methods whose uncertainty needs a softmax)."""
-        if self.label_manager.has_regions:
-            raise UserFacingError(f"{type(self).__name__} needs mutually exclusive classes (softmax outputs), but "
-                                  f"this dataset.json defines region-based labels. Use plain integer labels.")
+        require_exclusive_classes(self.label_manager, type(self).__name__)
 
     def unlabeled_loss(self, batch_u: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
         raise NotImplementedError(f"{type(self).__name__} must implement unlabeled_loss")

@@ -2,7 +2,8 @@
 
     nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerUAMT
 
-The UAMT baseline of seed 001 (Tables 1-3), as in UA-MT's reference implementation:
+The UAMT baseline of Adiga Vasudeva et al. 2022 (Tables 1-3), as in UA-MT's reference
+implementation:
 
     p_s = softmax f(x_u; theta_s)                    student on the unlabeled patch
     p_t = softmax f(x_u + xi_0; theta_t)             teacher on the noisy patch (the target)
@@ -28,9 +29,13 @@ Padded voxels (outside the image, ``batch_u['valid']`` False) never count.
 
 Speed: the K passes run as one teacher forward of K * B samples (``mc_passes_per_forward = None``)
 or in chunks of that many passes per forward (less memory). That is K + 1 teacher forwards' worth
-of compute per step -- the cost seed 001 removes with its single denoiser inference.
+of compute per step -- the cost DAE uncertainty (Adiga Vasudeva et al. 2022) removes with its single
+denoiser inference.
 Deep supervision: full-resolution outputs only (see ``teacher.py``). Inference uses the student.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerUAMT", "nnUNetTrainerUAMT_lnC"]
+
 import math
 from typing import Dict, Optional, Tuple
 

@@ -7,6 +7,9 @@ resampled (detected from the coordinate map). It also counts the unlabeled patch
 a number kept across ``--c`` through the base's extra checkpoint state. Use it to check that ``preprocess-unlabeled`` and
 the stream work on a dataset before spending hours on a real method.
 """
+# the trainers, registered in nnunet_sud.trainers
+__all__ = ["nnUNetTrainerUnlabeledStats"]
+
 import torch
 
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised

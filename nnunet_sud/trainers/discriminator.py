@@ -1,5 +1,6 @@
-"""What the trainers with a discriminator share (SegMatch, DMNet): the discriminator networks,
-their optimiser/schedule/AMP scaler and checkpoint state, and access to the labeled batch.
+"""What the trainers with a discriminator share (SegMatch, DMNet): the discriminator networks and
+their optimiser/schedule/AMP scaler and checkpoint state. (Their access to the labeled batch is
+``LabeledBatchMixin`` in ``labeled_batch.py``.)
 
 ``ConvDiscriminator``
     Strided convolutions built for a configuration of the plans (2d or 3d, down-sampling by the
@@ -27,15 +28,9 @@ their optimiser/schedule/AMP scaler and checkpoint state, and access to the labe
     broadcast from rank 0 and its gradients averaged over the processes before each step
     (``nnunet_sud.trainers.distributed``), so it stays identical on every process.
 
-``LabeledBatchMixin``
-    ``self.labeled_step`` holds the labeled batch of the current step on the device
-    (``data``, ``target``) and, once nnU-Net's loss has run on it, the network's ``output``,
-    so that ``unlabeled_loss`` can use them (the base's ``train_step`` passes only the
-    unlabeled batch). The output is taken by wrapping ``self.loss`` (``LabeledOutputTap``),
-    so the labeled forward runs once.
 """
 import contextlib
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -110,54 +105,6 @@ class ConvDiscriminator(nn.Module):
         if self.head == "image":
             return self.out(h).flatten(1).mean(1)
         return self.up(h)
-
-
-# ---------------------------------------------------------------------- labeled batch
-class LabeledOutputTap(nn.Module):
-    """Wraps a loss ``L(output, target)``; hands every ``output`` to ``sink`` before computing L."""
-
-    def __init__(self, loss: nn.Module, sink: Callable):
-        super().__init__()
-        self.loss = loss
-        self._sink = sink
-
-    @property
-    def weight_factors(self):
-        return getattr(self.loss, "weight_factors", None)
-
-    def forward(self, output, target):
-        self._sink(output)
-        return self.loss(output, target)
-
-
-class LabeledBatchMixin:
-    """``self.labeled_step``: the current step's labeled ``data``, ``target`` and network ``output``."""
-
-    labeled_step: Optional[dict] = None
-
-    def initialize(self):
-        super().initialize()
-        self.loss = LabeledOutputTap(self.loss, self._record_labeled_output)
-
-    def _record_labeled_output(self, output):
-        if self.labeled_step is not None and "output" not in self.labeled_step:
-            self.labeled_step["output"] = output
-
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        self.labeled_step = {"data": data, "target": target}
-        try:
-            return super().train_step(dict(batch, data=data, target=target))  # .to() is then a no-op
-        finally:
-            self.labeled_step = None
-
-    def labeled_segmentation(self) -> torch.Tensor:
-        """The labeled batch's full-resolution label map (B, 1, *S) of the current step."""
-        t = self.labeled_step["target"]
-        return t[0] if isinstance(t, (list, tuple)) else t
 
 
 # ---------------------------------------------------------------------- discriminator
