@@ -52,7 +52,8 @@ from nnunet_sud.robust_training import (CheckpointError, RobustTrainerMixin, des
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.trainers.distributed import batch_share, gather_concatenated
 from nnunet_sud.trainers.logging import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
-from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, cases_with_labels, make_augmenter, unlabeled_identifiers
+from nnunet_sud.unlabeled.loader import (UnlabeledBatch, UnlabeledDataLoader, cases_with_labels, make_augmenter,
+                                          unlabeled_identifiers)
 from nnunet_sud.unlabeled.workers import (augmentation_processes, describe_split, seconds_per_batch,
                                           split_augmentation_workers)
 from nnunet_sud.unlabeled.preprocess import (INFO_SUFFIX, check_against_raw, configuration_fingerprint,
@@ -161,6 +162,9 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
     unlabeled_worker_fraction: Optional[float] = None
     #: batches of each stream timed (after one untimed) to measure that share
     worker_split_batches: int = 2
+    #: carry the case coordinates (``batch_u['coords']``) through the augmentation; a trainer that
+    #: reads only ``valid`` sets False (4 fewer channels through the unlabeled stream's transforms)
+    unlabeled_coordinates: bool = True
 
     def get_dataloaders(self):
         """nnU-Net's labeled loaders and the unlabeled stream, sharing the ``nnUNet_n_proc_DA``
@@ -227,9 +231,11 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
         dataset = infer_dataset_class(folder)(folder, unlabeled_identifiers(folder))
         self.unlabeled_cases_with_labels = cases_with_labels(folder, dataset.identifiers)
         initial_patch_size = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2]
-        return UnlabeledDataLoader(dataset, self.unlabeled_batch_size_here(), initial_patch_size,
-                                   self.configuration_manager.patch_size, self.label_manager,
-                                   transforms=self.get_unlabeled_transforms())
+        loader = UnlabeledDataLoader(dataset, self.unlabeled_batch_size_here(), initial_patch_size,
+                                     self.configuration_manager.patch_size, self.label_manager,
+                                     transforms=self.get_unlabeled_transforms())
+        loader.carry_coordinates = bool(self.unlabeled_coordinates)
+        return loader
 
     def get_unlabeled_dataloader(self):
         """The unlabeled stream with its share of the workers (``self.unlabeled_workers``, set by
@@ -275,7 +281,7 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
         """Called after every optimizer step (EMA teachers, target stores, ...)."""
 
     def _unlabeled_batch_to_device(self, batch_u: dict) -> dict:
-        out = dict(batch_u)
+        out = UnlabeledBatch(batch_u, owner=type(self).__name__)
         for k in ("data", "coords", "valid", "seg"):
             if k in batch_u:
                 out[k] = batch_u[k].to(self.device, non_blocking=True)

@@ -53,6 +53,21 @@ def open_case_label(folder: str, key: str):
     return blosc2.open(urlpath=os.path.join(folder, key + LABEL_SUFFIX), mode="r", dparams={"nthreads": 1}, **kwargs)
 
 
+class UnlabeledBatch(dict):
+    """An unlabeled batch on the trainer's side: a dict whose missing ``coords`` says how to get them."""
+
+    def __init__(self, batch: dict, owner: str = "this trainer"):
+        super().__init__(batch)
+        self.owner = owner
+
+    def __missing__(self, key):
+        if key == "coords":
+            raise KeyError(f"'coords': {self.owner} has unlabeled_coordinates = False, so the unlabeled stream "
+                           f"carries no case coordinates. Set unlabeled_coordinates = True in the trainer class "
+                           f"that reads batch_u['coords'].")
+        raise KeyError(key)
+
+
 class UnlabeledDataLoader(nnUNetDataLoader):
     """Random crops + case coordinates. Arguments as ``nnUNetDataLoader`` (no oversampling).
 
@@ -136,8 +151,7 @@ class UnlabeledDataLoader(nnUNetDataLoader):
     def coordinate_channels(self, bbox_lbs, bbox_ubs, case_shape):
         """The ``regression_target`` of one sample before augmentation (``coordinates.py``): the 5
         coordinate channels, or only the inside-the-case channel without ``carry_coordinates``."""
-        regr = case_coordinate_channels(bbox_lbs, bbox_ubs, case_shape)
-        return regr if self.carry_coordinates else regr[-1:]
+        return case_coordinate_channels(bbox_lbs, bbox_ubs, case_shape, coordinates=self.carry_coordinates)
 
     def split_channels(self, regr_all: torch.Tensor, data_all: torch.Tensor):
         """Augmented ``regression_target`` of the batch -> (coords (B, 3, *P) or None, valid (B, *P) bool)."""
