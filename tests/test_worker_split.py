@@ -96,7 +96,9 @@ def test_real_trainer_starts_the_asked_number_of_workers(synthetic3d, monkeypatc
         assert worker_count(dl_val) == max(1, n_l // 2)
         assert os.environ["nnUNet_n_proc_DA"] == "1"  # the user's setting is left as it was
         assert next(t.dataloader_unlabeled)["data"].shape[0] == t.batch_size
-        assert any("augmentation workers: nnUNet_n_proc_DA=" in line for line in _log_lines(t))
+        log = "\n".join(_log_lines(t))
+        assert f"augmentation workers: nnUNet_n_proc_DA={total} split into {n_l} labeled + {n_u} unlabeled" in log
+        assert ("measured s/batch: labeled" in log) if fraction is None else ("unlabeled_worker_fraction = 0.75" in log)
     finally:
         for dl in (dl_tr, dl_val, t.dataloader_unlabeled):
             dl._finish()

@@ -193,7 +193,7 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
                                        "unlabeled": unlabeled.generate_train_batch}, self.worker_split_batches)
         c_l, c_u = (costs["labeled"], costs["unlabeled"]) if costs else (1.0, 1.0)
         split = split_augmentation_workers(total, c_l, c_u, unlabeled_fraction=self.unlabeled_worker_fraction)
-        self.print_to_log_file(describe_split(total, split, costs))
+        self.print_to_log_file(describe_split(total, split, costs, self.unlabeled_worker_fraction))
         return split
 
     def get_unlabeled_transforms(self):

@@ -80,9 +80,14 @@ def worker_count(augmenter) -> int:
     return int(getattr(augmenter, "num_processes", 0) or 0)
 
 
-def describe_split(total: int, split: Sequence[int], costs: Optional[Dict[str, float]]) -> str:
+def describe_split(total: int, split: Sequence[int], costs: Optional[Dict[str, float]],
+                   fraction: Optional[float] = None) -> str:
     n_l, n_u = split
-    how = ("measured s/batch: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items())) if costs else \
-        "fixed by the rule for this count"
+    if costs:
+        how = "measured s/batch: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items())
+    elif fraction is not None and total >= 3:
+        how = f"unlabeled_worker_fraction = {fraction}"
+    else:
+        how = "fixed by the rule for this count"
     return (f"augmentation workers: {N_PROC_ENV}={total} split into {n_l} labeled + {n_u} unlabeled ({how}; "
             f"0 = made in the main process)")
