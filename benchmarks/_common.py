@@ -28,18 +28,24 @@ from typing import Iterator, List, Optional, Sequence
 
 # ---------------------------------------------------------------------- data sets and folders
 def setup_synthetic(dataset_id: int = 989, shape: Sequence[int] = (32, 48, 48), n_labeled: int = 6,
-                    n_unlabeled: int = 12, prefix: str = "sud_bench_", num_processes: int = 2) -> str:
+                    n_unlabeled: int = 12, prefix: str = "sud_bench_", num_processes: int = 2,
+                    unlabeled_labels: bool = True) -> str:
     """Generate, plan (3d_fullres) and preprocess a synthetic task in a new temporary folder.
 
     Sets ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` (this process and its
     children) to sub-folders of it and returns the folder (the caller removes it or not).
+    ``unlabeled_labels=False`` drops the generated labelsUnlabeled (unlabeled cases without labels).
     """
     root = tempfile.mkdtemp(prefix=prefix)
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[k] = os.path.join(root, k)
         os.makedirs(os.environ[k])
     from nnunet_sud.dataset_conversion.synthetic import generate_dataset
-    generate_dataset(os.environ["nnUNet_raw"], dataset_id, "3d", n_labeled, n_unlabeled, 0, seed=0, shape=tuple(shape))
+    folder = generate_dataset(os.environ["nnUNet_raw"], dataset_id, "3d", n_labeled, n_unlabeled, 0, seed=0,
+                              shape=tuple(shape))
+    if not unlabeled_labels:
+        import shutil
+        shutil.rmtree(os.path.join(folder, "labelsUnlabeled"))
     subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np",
                     str(num_processes)], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([sys.executable, "-m", "nnunet_sud.cli", "preprocess-unlabeled", "-d", str(dataset_id), "-c",

@@ -131,7 +131,8 @@ def build(name, plans_file, dataset_json, configuration, device):
     t = _common.make_trainer(trainer_class(name), plans_file, dataset_json, configuration, device)
     _common.start_trainer(t)
     if getattr(t, "dataloader_val", None) is not None:  # never used here: stop its workers
-        t.dataloader_val._finish()
+        if hasattr(t.dataloader_val, "_finish"):  # none with nnUNet_n_proc_DA=0
+            t.dataloader_val._finish()
         t.dataloader_val = None
     return t
 

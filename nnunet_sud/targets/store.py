@@ -37,9 +37,19 @@ memory-mapped, opened for each access: memory does not grow with the number of c
 page cache holds what is hot). A new case file is created under a temporary name and linked
 into place (never over a file another process created meanwhile), and each update stores whole
 voxels of valid probabilities, so a killed process leaves a usable store (a region may hold a mix
-of the old and the new targets). ``snapshot``/``restore`` copy the store beside a checkpoint so
+of the old and the new targets). Updates are not flushed (``msync``) one by one: every reader
+(this process, other ranks, ``snapshot``'s copy) sees the shared page cache and the kernel writes
+it back, so a killed process loses nothing it wrote (a crash of the machine could). ``snapshot``/``restore`` copy the store beside a checkpoint so
 that ``--c`` resumes with exactly the store of that checkpoint; a snapshot records the
 checkpoint's epoch (``snapshot_epoch``) so that a mismatch is detected.
+
+``write_behind=True`` applies ``update``/``write`` in a background thread of this process, in call
+order, so the main process does not wait for the file I/O and the resampling of the update
+(the GPU keeps computing meanwhile). Everything that reads the files (``read``, ``keys``,
+``load_case``, ``snapshot``, ``restore``, ``clear``) first waits for the queued updates, so every
+result is the same as without it; ``wait()`` does only that (call it before other processes read
+the files, e.g. before a DDP barrier), ``close()`` also ends the thread. An update that fails in
+the background is raised by the next call.
 
 Several processes (DDP ranks) may share one store: ``update`` holds an exclusive lock
 (``flock``) on the case file from reading its block to writing it back, ``read`` a shared one
@@ -52,7 +62,9 @@ values (B, C, *P); P is the patch (2 or 3 axes).
 """
 import contextlib
 import os
+import queue
 import shutil
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -85,12 +97,50 @@ def case_lock(path: str, exclusive: bool):
 
 
 class SoftTargetStore:
-    def __init__(self, folder: str, num_classes: int, dtype=np.float16, min_weight: float = 0.5):
+    def __init__(self, folder: str, num_classes: int, dtype=np.float16, min_weight: float = 0.5,
+                 write_behind: bool = False):
         self.folder = folder
         self.num_classes = int(num_classes)
         self.dtype = np.dtype(dtype)
         self.min_weight = float(min_weight)
+        self.write_behind = bool(write_behind)
+        self._queue = None   # queued updates (write_behind), created with the thread at the first one
+        self._writer = None
+        self._error = None
         os.makedirs(folder, exist_ok=True)
+
+    # ------------------------------------------------------------------ write-behind
+    def wait(self) -> None:
+        """Block until every queued update is in the files; raise the first one that failed."""
+        if self._queue is not None:
+            self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"an update of the soft-target store {self.folder} failed in the background: "
+                               f"{type(error).__name__}: {error}") from error
+
+    def close(self) -> None:
+        """``wait()``, then end the background thread (a later update starts a new one)."""
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._queue.put(None)
+                self._writer.join()
+                self._queue = self._writer = None
+
+    def _write_loop(self, jobs: "queue.Queue"):
+        while True:
+            job = jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:  # after a failure the rest is dropped; wait() raises it
+                    self._update_now(*job)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller by wait()
+                self._error = e
+            finally:
+                jobs.task_done()
 
     # ------------------------------------------------------------------ files
     def case_file(self, key: str) -> str:
@@ -124,10 +174,12 @@ class SoftTargetStore:
         return arr
 
     def keys(self):
+        self.wait()
         return sorted(f[:-4] for f in os.listdir(self.folder) if f.endswith(".npy") and not f.startswith("."))
 
     def load_case(self, key: str) -> np.ndarray:
         """The whole stored field of a case (C, Z, Y, X) as float32 (NaN where never written)."""
+        self.wait()
         return np.asarray(np.load(self.case_file(key), mmap_mode="r"), dtype=np.float32)
 
     # ------------------------------------------------------------------ patch access
@@ -144,6 +196,7 @@ class SoftTargetStore:
         """Stored targets at the patch voxels: (B, C, *P) float32 on coords' device; NaN where
         there is no target yet (written interpolation weight below ``min_weight``) or the voxel is
         invalid."""
+        self.wait()
         b = coords.shape[0]
         out = torch.full((b, self.num_classes, *coords.shape[2:]), float("nan"), device=coords.device)
         for i in range(b):
@@ -179,7 +232,21 @@ class SoftTargetStore:
                values: torch.Tensor, alpha: float) -> None:
         """z <- z + alpha (W^-1(values) - z) on the case voxels the valid patch voxels cover
         (z <- W^-1(values) where nothing was written yet); W^-1 takes the patch values (B, C, *P)
-        to case space (see module doc). The stored history itself is never resampled."""
+        to case space (see module doc). The stored history itself is never resampled.
+        With ``write_behind`` it is queued (on copies of the tensors) and applied in the background."""
+        if not self.write_behind:
+            return self._update_now(keys, coords, valid, case_shapes, values, alpha)
+        if self._error is not None:
+            self.wait()  # raises the background failure
+        if self._writer is None:
+            self._queue = queue.Queue()
+            self._writer = threading.Thread(target=self._write_loop, args=(self._queue,), daemon=True,
+                                            name="soft-target-store")
+            self._writer.start()
+        self._queue.put((list(keys), coords.detach().clone(), valid.detach().clone(), case_shapes.clone(),
+                         values.detach().to(torch.float32, copy=True), float(alpha)))
+
+    def _update_now(self, keys, coords, valid, case_shapes, values, alpha) -> None:
         values = values.detach().float()
         alpha = float(alpha)
         for i in range(coords.shape[0]):
@@ -211,8 +278,7 @@ class SoftTargetStore:
                 old = block[:, where]
                 seen = np.isfinite(old).all(0)
                 block[:, where] = np.where(seen, (1 - alpha) * old + alpha * new, new)  # exact at alpha 0 and 1
-                arr[sl] = block
-                arr.flush()
+                arr[sl] = block  # no flush per update (module doc, Storage)
 
     @staticmethod
     def _local_coords(coords: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
@@ -281,6 +347,7 @@ class SoftTargetStore:
     def snapshot(self, dest: str, epoch: Optional[int] = None) -> None:
         """Copy the store to the folder ``dest`` (replacing it), recording ``epoch`` there when given.
         Not atomic by itself: write to a temporary folder and rename (``nnunet_sud.robust_training``)."""
+        self.wait()
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(self.folder, dest, ignore=shutil.ignore_patterns(".tmp_*", SNAPSHOT_EPOCH_FILE))
         if epoch is not None:
@@ -298,11 +365,13 @@ class SoftTargetStore:
 
     def restore(self, src: str) -> None:
         """Make the store a copy of the snapshot ``src``."""
+        self.wait()
         if not os.path.isdir(src):
             raise FileNotFoundError(src)
         shutil.rmtree(self.folder, ignore_errors=True)
         shutil.copytree(src, self.folder, ignore=shutil.ignore_patterns(SNAPSHOT_EPOCH_FILE))
 
     def clear(self) -> None:
+        self.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
         os.makedirs(self.folder, exist_ok=True)

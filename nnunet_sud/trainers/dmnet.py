@@ -258,6 +258,9 @@ def build_dual_decoder_unet(plans_manager, configuration_manager, num_input_chan
 class nnUNetTrainerDMNet(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainerSemiSupervised):
     """DMNet (module doc). Variants change ``adversarial``/``temperature``."""
 
+    #: the losses read batch_u['valid'] only: no case coordinates through the augmentation (issue 17)
+    unlabeled_coordinates = False
+
     #: lambda1 (L_adv) and lambda2 (L_semi) of L_S = L_dice + lambda1 L_adv + lambda2 L_semi
     lambda1: float = 0.01
     lambda2: float = 0.1

@@ -56,7 +56,10 @@ from nnunet_sud.robust_training import (CheckpointError, RobustTrainerMixin, des
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.trainers.distributed import batch_share, gather_concatenated
 from nnunet_sud.trainers.epoch_logger import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
-from nnunet_sud.unlabeled.loader import UnlabeledDataLoader, cases_with_labels, make_augmenter, unlabeled_identifiers
+from nnunet_sud.unlabeled.loader import (UnlabeledBatch, UnlabeledDataLoader, cases_with_labels, make_augmenter,
+                                          unlabeled_identifiers)
+from nnunet_sud.unlabeled.workers import (augmentation_processes, describe_split, seconds_per_batch,
+                                          split_augmentation_workers)
 from nnunet_sud.unlabeled.preprocess import (INFO_SUFFIX, check_against_raw, configuration_fingerprint,
                                              unlabeled_folder_name)
 
@@ -163,11 +166,43 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
         self.prepare_method()
         super().on_train_start()
 
+    #: share of the augmentation workers for the unlabeled stream; None: measured (``nnunet_sud.unlabeled.workers``)
+    unlabeled_worker_fraction: Optional[float] = None
+    #: batches of each stream timed (after one untimed) to measure that share
+    worker_split_batches: int = 2
+    #: carry the case coordinates (``batch_u['coords']``) through the augmentation; a trainer that
+    #: reads only ``valid`` sets False (4 fewer channels through the unlabeled stream's transforms)
+    unlabeled_coordinates: bool = True
+
     def get_dataloaders(self):
-        dl_tr, dl_val = super().get_dataloaders()
+        """nnU-Net's labeled loaders and the unlabeled stream, sharing the ``nnUNet_n_proc_DA``
+        workers by measured cost (``augmentation_worker_split``)."""
+        n_labeled, self.unlabeled_workers = self.augmentation_worker_split(self.augmentation_workers_total())
+        with augmentation_processes(n_labeled):  # nnU-Net's own loaders, with the labeled share
+            dl_tr, dl_val = super().get_dataloaders()
         with workers_die_with_parent():  # as the labeled streams' workers (RobustTrainerMixin)
             self.dataloader_unlabeled = self.get_unlabeled_dataloader()
         return dl_tr, dl_val
+
+    def augmentation_workers_total(self) -> int:
+        """Augmentation workers of both streams together: nnU-Net's count for its labeled stream
+        (``get_allowed_n_proc_DA``: ``nnUNet_n_proc_DA``, at most the CPU count)."""
+        return get_allowed_n_proc_DA()
+
+    def augmentation_worker_split(self, total: int) -> Tuple[int, int]:
+        """(labeled, unlabeled) workers summing to ``total``; from 3 workers on, the share follows
+        what a batch of each stream costs, timed here on single-threaded loaders (a few seconds)."""
+        costs = None
+        if total >= 3 and self.unlabeled_worker_fraction is None:
+            with augmentation_processes(0):  # nnU-Net's loaders without workers, only to time them
+                dl_tr, _ = super().get_dataloaders()
+            unlabeled = self.build_unlabeled_loader()
+            costs = seconds_per_batch({"labeled": getattr(dl_tr, "data_loader", dl_tr).generate_train_batch,
+                                       "unlabeled": unlabeled.generate_train_batch}, self.worker_split_batches)
+        c_l, c_u = (costs["labeled"], costs["unlabeled"]) if costs else (1.0, 1.0)
+        split = split_augmentation_workers(total, c_l, c_u, unlabeled_fraction=self.unlabeled_worker_fraction)
+        self.print_to_log_file(describe_split(total, split, costs, self.unlabeled_worker_fraction))
+        return split
 
     def get_unlabeled_transforms(self):
         """nnU-Net's training pipeline with this trainer's settings, without deep-supervision
@@ -196,21 +231,32 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
                 f"GPUs (-num_gpus), which leaves some without unlabeled patches. Set it to at least {world}.")
         return batch_share(int(self.unlabeled_batch_size), world, self.local_rank)
 
-    def get_unlabeled_dataloader(self):
+    def build_unlabeled_loader(self) -> UnlabeledDataLoader:
+        """The unlabeled stream's batch generator (no workers): random crops of the preprocessed
+        unlabeled cases through ``get_unlabeled_transforms``."""
         folder = self.preprocessed_unlabeled_folder
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         dataset = infer_dataset_class(folder)(folder, unlabeled_identifiers(folder))
         self.unlabeled_cases_with_labels = cases_with_labels(folder, dataset.identifiers)
-        if self.unlabeled_cases_with_labels:
-            self.print_to_log_file(
-                f"{len(self.unlabeled_cases_with_labels)} of {len(dataset.identifiers)} unlabeled cases have a label "
-                f"(labelsUnlabeled): target quality is logged as {TARGET_DICE_KEY}<name>; these labels never enter "
-                f"a loss")
         initial_patch_size = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2]
         loader = UnlabeledDataLoader(dataset, self.unlabeled_batch_size_here(), initial_patch_size,
                                      self.configuration_manager.patch_size, self.label_manager,
                                      transforms=self.get_unlabeled_transforms())
-        n_proc = get_allowed_n_proc_DA()
+        loader.carry_coordinates = bool(self.unlabeled_coordinates)
+        return loader
+
+    def get_unlabeled_dataloader(self):
+        """The unlabeled stream with its share of the workers (``self.unlabeled_workers``, set by
+        ``get_dataloaders``; else the split of ``nnUNet_n_proc_DA``), started."""
+        loader = self.build_unlabeled_loader()
+        if self.unlabeled_cases_with_labels:
+            self.print_to_log_file(
+                f"{len(self.unlabeled_cases_with_labels)} of {len(loader.indices)} "
+                f"unlabeled cases have a label (labelsUnlabeled): target quality is logged as {TARGET_DICE_KEY}<name>; "
+                f"these labels never enter a loss")
+        n_proc = getattr(self, "unlabeled_workers", None)
+        if n_proc is None:
+            n_proc = self.augmentation_worker_split(self.augmentation_workers_total())[1]
         base = int(np.random.randint(0, 2 ** 31 - 10_000)) + 1000 * self.local_rank
         self.unlabeled_worker_seeds = [base + i for i in range(max(n_proc, 1))]
         augmenter = make_augmenter(loader, n_proc, self.unlabeled_worker_seeds[:n_proc],
@@ -243,7 +289,7 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
         """Called after every optimizer step (EMA teachers, target stores, ...)."""
 
     def _unlabeled_batch_to_device(self, batch_u: dict) -> dict:
-        out = dict(batch_u)
+        out = UnlabeledBatch(batch_u, owner=type(self).__name__)
         for k in ("data", "coords", "valid", "seg"):
             if k in batch_u:
                 out[k] = batch_u[k].to(self.device, non_blocking=True)

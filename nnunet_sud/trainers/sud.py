@@ -143,8 +143,9 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._configure_denoised_targets()
         self.alpha = LinearRamp(1.0, 0.0)
+        # write-behind: the store's updates run in a background thread, off the training step
         self.store = SoftTargetStore(os.path.join(self.output_folder, STORE_DIR),
-                                     self.label_manager.num_segmentation_heads)
+                                     self.label_manager.num_segmentation_heads, write_behind=True)
         self._store_restored = False
         self._store_snapshot = None
 
@@ -192,6 +193,7 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
         name = os.path.splitext(os.path.basename(filename))[0]
         final = name == "checkpoint_final"
         take = not final and (name != "checkpoint_best" or self.snapshot_store_for_best)
+        self.store.wait()  # this rank's queued updates are in the files
         if self.is_ddp:
             dist.barrier()  # no rank writes targets while rank 0 copies them
         self._store_snapshot = None
@@ -231,6 +233,7 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
 
     def on_train_end(self):
         super().on_train_end()
+        self.store.close()
         if self.local_rank == 0 and not self.keep_soft_targets:
             for name in ("checkpoint_latest", "checkpoint_best"):
                 shutil.rmtree(self._snapshot_dir(name), ignore_errors=True)

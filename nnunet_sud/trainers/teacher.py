@@ -190,6 +190,9 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
     ``get_extra_state``/``set_extra_state``.
     """
 
+    #: the losses read batch_u['valid'] only: no case coordinates through the augmentation (issue 17)
+    unlabeled_coordinates = False
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)

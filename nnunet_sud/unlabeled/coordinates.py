@@ -30,19 +30,28 @@ VALID_THRESHOLD = 1.0 - 1e-4
 
 
 def case_coordinate_channels(bbox_lbs: Sequence[int], bbox_ubs: Sequence[int],
-                             case_shape: Sequence[int]) -> torch.Tensor:
+                             case_shape: Sequence[int], coordinates: bool = True) -> torch.Tensor:
     """Coordinates of the loader's crop box [lbs, ubs) in a case of ``case_shape``.
 
     Returns (len(case_shape) + 2, *box) float32: one channel per case axis holding that axis'
     voxel index (also outside the case, where the loader pads), a channel of ones (the box) and
-    an inside-the-case channel.
+    an inside-the-case channel; with ``coordinates=False`` only the inside-the-case channel
+    (1, *box). Written in place by broadcasting (one allocation; no meshgrid copies).
     """
     axes = [torch.arange(lo, hi, dtype=torch.float32) for lo, hi in zip(bbox_lbs, bbox_ubs)]
-    grids = torch.meshgrid(*axes, indexing="ij")
-    inside = torch.ones_like(grids[0])
-    for g, n in zip(grids, case_shape):
-        inside = inside * ((g >= 0) & (g <= n - 1)).float()
-    return torch.stack([*grids, torch.ones_like(inside), inside])
+    n = len(axes)
+    out = torch.empty((n + 2 if coordinates else 1, *[len(a) for a in axes]), dtype=torch.float32)
+    inside = out[-1]
+    inside.fill_(1.0)
+    for d, (a, size) in enumerate(zip(axes, case_shape)):
+        view = [1] * n
+        view[d] = -1
+        inside.mul_(((a >= 0) & (a <= size - 1)).float().view(view))
+        if coordinates:
+            out[d] = a.view(view)
+    if coordinates:
+        out[n].fill_(1.0)
+    return out
 
 
 def split_coordinates(regr: torch.Tensor, n_spatial: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
-from nnunet_sud.unlabeled.coordinates import case_coordinate_channels, split_coordinates
+from nnunet_sud.unlabeled.coordinates import VALID_THRESHOLD, case_coordinate_channels, split_coordinates
 from nnunet_sud.unlabeled.preprocess import LABEL_PROPERTY, LABEL_SUFFIX
 
 #: value of ``batch['seg']`` where the label is unknown (no label, padding, ignore label)
@@ -53,8 +53,30 @@ def open_case_label(folder: str, key: str):
     return blosc2.open(urlpath=os.path.join(folder, key + LABEL_SUFFIX), mode="r", dparams={"nthreads": 1}, **kwargs)
 
 
+class UnlabeledBatch(dict):
+    """An unlabeled batch on the trainer's side: a dict whose missing ``coords`` says how to get them."""
+
+    def __init__(self, batch: dict, owner: str = "this trainer"):
+        super().__init__(batch)
+        self.owner = owner
+
+    def __missing__(self, key):
+        if key == "coords":
+            raise KeyError(f"'coords': {self.owner} has unlabeled_coordinates = False, so the unlabeled stream "
+                           f"carries no case coordinates. Set unlabeled_coordinates = True in the trainer class "
+                           f"that reads batch_u['coords'].")
+        raise KeyError(key)
+
+
 class UnlabeledDataLoader(nnUNetDataLoader):
-    """Random crops + case coordinates. Arguments as ``nnUNetDataLoader`` (no oversampling)."""
+    """Random crops + case coordinates. Arguments as ``nnUNetDataLoader`` (no oversampling).
+
+    ``carry_coordinates`` (attribute, default True): False carries only the inside-the-case
+    channel through the augmentation, for trainers that read ``valid`` but never ``coords``
+    (the batch then has no ``coords``; ``valid`` is the same).
+    """
+
+    carry_coordinates: bool = True
 
     def __init__(self, data, batch_size: int, patch_size: Sequence[int], final_patch_size: Sequence[int],
                  label_manager, transforms=None):
@@ -93,34 +115,49 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                 lab = torch.full_like(mask, -1) if label is None else \
                     torch.from_numpy(crop_and_pad_nd(label, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
                 segmentation = torch.cat([mask, lab])
-                regr = case_coordinate_channels(bbox_lbs, bbox_ubs, shape)
+                regr = self.coordinate_channels(bbox_lbs, bbox_ubs, shape)
                 if self.patch_size_was_2d:
                     image, segmentation, regr = image[:, 0], segmentation[:, 0], regr[:, 0]
                 sample = {"image": image, "segmentation": segmentation, "regression_target": regr}
                 if self.transforms is not None:
                     sample = self.transforms(**sample)
-                if sample.get("regression_target") is None:
+                if regr is not None and sample.get("regression_target") is None:
                     raise TransformDroppedCoordinatesError(
                         "a transform of the training pipeline dropped 'regression_target' (the patch->case "
                         "coordinates of the unlabeled stream). Custom transforms must implement "
                         "_apply_to_regr_target (geometric ones: like _apply_to_image; others: identity).")
                 if data_all is None:
                     data_all = torch.empty((self.batch_size, *sample["image"].shape), dtype=torch.float32)
-                    regr_all = torch.empty((self.batch_size, *sample["regression_target"].shape),
-                                           dtype=torch.float32)
+                    regr_all = None if regr is None else \
+                        torch.empty((self.batch_size, *sample["regression_target"].shape), dtype=torch.float32)
                     seg_all = torch.full((self.batch_size, *sample["image"].shape[1:]), UNKNOWN_LABEL,
                                          dtype=torch.int16)
                 data_all[j] = sample["image"]
-                regr_all[j] = sample["regression_target"]
+                if regr_all is not None:
+                    regr_all[j] = sample["regression_target"]
                 if label is not None:
                     seg_all[j] = self._label_channel(sample.get("segmentation"))
-        coords, valid = split_coordinates(regr_all, data_all.ndim - 2)
+        coords, valid = self.split_channels(regr_all, data_all)
         seg_all[~valid] = UNKNOWN_LABEL
         ignore = self.label_manager.ignore_label
         if ignore is not None:
             seg_all[seg_all == ignore] = UNKNOWN_LABEL
-        return {"data": data_all, "coords": coords.contiguous(), "valid": valid, "seg": seg_all,
-                "has_label": has_label, "keys": list(keys), "case_shapes": torch.from_numpy(shapes)}
+        out = {"data": data_all, "valid": valid, "seg": seg_all, "has_label": has_label, "keys": list(keys),
+               "case_shapes": torch.from_numpy(shapes)}
+        if coords is not None:
+            out["coords"] = coords.contiguous()
+        return out
+
+    def coordinate_channels(self, bbox_lbs, bbox_ubs, case_shape):
+        """The ``regression_target`` of one sample before augmentation (``coordinates.py``): the 5
+        coordinate channels, or only the inside-the-case channel without ``carry_coordinates``."""
+        return case_coordinate_channels(bbox_lbs, bbox_ubs, case_shape, coordinates=self.carry_coordinates)
+
+    def split_channels(self, regr_all: torch.Tensor, data_all: torch.Tensor):
+        """Augmented ``regression_target`` of the batch -> (coords (B, 3, *P) or None, valid (B, *P) bool)."""
+        if self.carry_coordinates:
+            return split_coordinates(regr_all, data_all.ndim - 2)
+        return None, regr_all[:, 0] > VALID_THRESHOLD
 
     @staticmethod
     def _label_channel(segmentation) -> torch.Tensor:
