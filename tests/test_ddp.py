@@ -60,6 +60,7 @@ def _batches(t, seed, keys=None, z=None, case_shape=None, seg=False):
     u = {"data": torch.randn((b, 1, *patch), generator=g), "valid": torch.ones((b, *patch), dtype=torch.bool),
          "coords": coords, "keys": keys or [f"u{i}" for i in range(b)],
          "case_shapes": torch.tensor([case_shape or (1, *patch)] * b)}
+    u["strong_image"] = 1.2 * u["data"] + 0.1  # SegMatch's strong view (made by its loader workers in training)
     if seg:
         u["seg"] = torch.randint(0, 4, (b, *patch), generator=g)
         u["has_label"] = torch.ones(b, dtype=torch.bool)
@@ -233,10 +234,13 @@ def _union_gradients(weights, initial, inputs, loss_fn):
 
 def _segmatch_loss(d, inputs):
     from nnunet_sud.losses.adversarial import segmatch_discriminator_loss
-    # each process's input: its labeled pairs, then its unlabeled pairs
-    labeled = torch.cat([x[:PER_PROCESS] for x in inputs])
-    unlabeled = torch.cat([x[PER_PROCESS:] for x in inputs])
-    return segmatch_discriminator_loss(d(labeled), d(unlabeled))
+    # each process's input: its n labeled random crops with the ground truth, the same with their
+    # predictions (the negatives), then its unlabeled pairs. n differs between the processes: nnU-Net
+    # gives rank 0 of the plans' batch of 4 (3 random crops, 1 oversampled) 2 random crops, rank 1 one
+    ns = [(x.shape[0] - PER_PROCESS) // 2 for x in inputs]
+    truth = torch.cat([x[:n] for x, n in zip(inputs, ns)])
+    predicted = torch.cat([x[n:2 * n] for x, n in zip(inputs, ns)])
+    return segmatch_discriminator_loss(d(truth), d(predicted))
 
 
 def _dmnet_loss(d, inputs):
@@ -265,6 +269,8 @@ def test_discriminators_stay_identical_and_step_on_the_union_batch(ddp_results, 
     # each process initialised its own discriminator from its own seed; rank 0's was broadcast
     assert _equal_states(_state(r0["initial"]), _state(r1["initial"]))
     assert len(r0["inputs"]) == len(r1["inputs"]) == 2 and not torch.equal(r0["inputs"][0], r1["inputs"][0])
+    if method == "segmatch":  # unequal shares of labeled random crops (2 and 1): the weighted means meet the union
+        assert [(x.shape[0] - PER_PROCESS) // 2 for x in (r0["inputs"][0], r1["inputs"][0])] == [2, 1]
     for step in range(2):
         # the same weights and the same (averaged) gradient on both processes at every step ...
         assert _equal_states(r0["weights"][step], r1["weights"][step])

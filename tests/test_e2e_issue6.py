@@ -2,6 +2,7 @@
 tiny schedules of tests/ext_trainers/issue6_variants.py (2 epochs x 3 iterations). DMNet is
 interrupted in epoch 1 and resumed with --c: the discriminator (extra state) and the second
 decoder (network weights) come back as the checkpoint stored them."""
+import math
 import os
 import shutil
 import subprocess
@@ -72,9 +73,14 @@ def test_segmatch_train_predict(synthetic3d, nnunet_dirs, tmp_path):
     run_cmd(_train_cmd(synthetic3d, trainer), env=dict(os.environ, SUD_TEST_SKIP_FINAL_VALIDATION="1"))
     ckpt = _load(os.path.join(fold, "checkpoint_final.pth"))
     log = ckpt["logging"]
-    for k in ("pseudo_label_fraction", "discriminator_score", "discriminator_loss"):
+    for k in ("pseudo_label_fraction", "discriminator_score", "discriminator_loss", "discriminator_score_truth",
+              "discriminator_score_prediction"):
         assert len(log[k]) == 2 and all(np.isfinite(log[k])), k
     assert all(0 <= v <= 1 for v in log["pseudo_label_fraction"] + log["discriminator_score"])
+    # lambda_u ramps exp(-5 (1 - t / 0.25)^2) over steps t = 0, 1/6, ..., 5/6: epoch 0 = (e^-5 + e^-5/9 + 1) / 3
+    ramp = [math.exp(-5 * (1 - min(i / 6 / 0.25, 1)) ** 2) for i in range(6)]
+    assert log["unlabeled_weight"] == pytest.approx([np.mean(ramp[:3]), 1.0], rel=1e-6)
+    assert log["unlabeled_weight"][0] == pytest.approx((math.exp(-5) + math.exp(-5 / 9) + 1) / 3, rel=1e-6)
     assert len(log["target_dice/pseudo_label"]) == 2 and len(log["target_kept/pseudo_label"]) == 2
     # the discriminator is beside the network, trained once per step
     extra = _load(os.path.join(fold, "checkpoint_final_extra_state.pth"))

@@ -1,19 +1,22 @@
-"""SegMatch: the strong view is intensity-only and voxel-aligned with the weak view, the gates of
-each variant on constructed scores/confidences, the gated cross-entropy and eq. 1 by hand, and
-one real step (pseudo-labels from the weak view, discriminator stepped after the segmenter,
-kept out of the network weights)."""
+"""SegMatch: the strong view (batchgeneratorsv2 transforms in the unlabeled workers) is
+intensity-only and voxel-aligned with the weak view, the gates of each variant on constructed
+scores/confidences, the gated cross-entropy and eq. 1 by hand, the lambda_u ramp, the
+discriminator's pairs (random-crop labeled patches, their own predictions as negatives), and one
+real step (pseudo-labels from the weak view, discriminator stepped after the segmenter, kept out of
+the network weights)."""
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
+from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
 
+from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.adversarial import segmatch_discriminator_loss
 from nnunet_sud.losses.pseudo_labels import (confidence_map_gate, gated_cross_entropy, identity_gate,
                                              mean_confidence_gate, score_gate)
-from nnunet_sud.trainers.segmatch import StrongIntensityAugmentation
-
-POINTWISE = ("brightness", "contrast", "gamma", "posterize")
+from nnunet_sud.trainers.segmatch import STRONG_VIEW_KEY, RandAugmentTransform, StrongViewTransform
 
 
 def make_trainer(synthetic3d, cls, cfg="3d_fullres"):
@@ -41,78 +44,144 @@ def recovered_coordinates(strong_c, weak_c):
 
 
 # ---------------------------------------------------------------------- the views
+OPS = ("brightness", "contrast", "gamma", "noise", "blur", "sharpen")  # strong_transforms(), in order
+
+
+def strong_op(t, name):
+    return t.strong_transforms()[OPS.index(name)]
+
+
+def strong_of(transform, x):
+    """(image after, strong view) of one sample x (C, *S) through a StrongViewTransform."""
+    out = StrongViewTransform(transform)(image=x.clone())
+    return out["image"], out[STRONG_VIEW_KEY]
+
+
 @pytest.mark.parametrize("op", ["brightness", "contrast", "gamma"])
-def test_pointwise_ops_keep_every_voxel_at_its_own_coordinates(op):
+def test_pointwise_ops_keep_every_voxel_at_its_own_coordinates(synthetic3d, op):
+    from nnunet_sud.trainers import nnUNetTrainerSegMatch
+    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
     x = coordinate_image()
-    aug = StrongIntensityAugmentation(ops=(op,), n_ops=1, cutout=False)
-    y = aug(x, torch.Generator().manual_seed(1))
-    assert y.shape == x.shape and not torch.allclose(y, x)
     for b in range(2):
+        torch.manual_seed(b)
+        np.random.seed(b)
+        image, y = strong_of(strong_op(t, op), x[b])
+        assert torch.equal(image, x[b]) and y.shape == x[b].shape and not torch.allclose(y, x[b])  # a copy changed
         for c in range(3):
             # a strictly increasing map of each voxel's own value: the coordinates come back exactly
-            assert torch.equal(recovered_coordinates(y[b, c], x[b, c]), x[b, c])
+            assert torch.equal(recovered_coordinates(y[c], x[b, c]), x[b, c])
             order = torch.argsort(x[b, c].flatten(), stable=True)
-            assert (y[b, c].flatten()[order].diff() >= 0).all()
-
-
-def test_posterize_is_a_monotone_function_of_the_voxel_value():
-    x = coordinate_image((5, 6, 40), 1)
-    aug = StrongIntensityAugmentation(ops=("posterize",), n_ops=1, cutout=False)
-    y = aug.apply_op("posterize", x[0], m=1.0)  # 4 levels
-    for c in range(3):
-        order = torch.argsort(x[0, c].flatten(), stable=True)
-        assert (y[c].flatten()[order].diff() >= 0).all()
-        for v in x[0, c].unique():  # a function of the value alone: equal inputs, equal outputs
-            assert y[c][x[0, c] == v].unique().numel() == 1
-    assert y[2].unique().numel() == 4
+            assert (y[c].flatten()[order].diff() >= 0).all()
 
 
 @pytest.mark.parametrize("op", ["blur", "sharpen"])
-def test_filters_do_not_shift_the_image(op):
+def test_filters_do_not_shift_the_image(synthetic3d, op):
     """A symmetric filter returns a linear ramp unchanged away from the borders; a shift of one
     voxel along any axis would change it by at least one ramp step (0.3)."""
-    x = coordinate_image((20, 22, 24), 1)
-    ramp = (0.3 * x[:, 0] * 19 + 0.5 * x[:, 1] * 21 + 0.7 * x[:, 2] * 23)[:, None] / 2  # steps 0.3, 0.5, 0.7
-    aug = StrongIntensityAugmentation(ops=(op,), n_ops=1, cutout=False)
-    y = aug.apply_op(op, ramp[0], m=1.0)
-    r = 6 if op == "blur" else 3  # kernel radius: 3 sigma (blur at m = 1: sigma 2; sharpen: sigma 1)
-    inner = (slice(None), slice(r, -r), slice(r, -r), slice(r, -r))
-    assert torch.allclose(y[inner], ramp[0][inner], atol=1e-4)
-    for ax in (1, 2, 3):
-        shifted = torch.roll(ramp[0], 1, dims=ax)
-        assert (shifted[inner] - ramp[0][inner]).abs().min() > 0.29
+    from nnunet_sud.trainers import nnUNetTrainerSegMatch
+    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    x = coordinate_image((30, 32, 34), 1)
+    ramp = (0.3 * x[:, 0] * 29 + 0.5 * x[:, 1] * 31 + 0.7 * x[:, 2] * 33)[:, None] / 2  # steps 0.3, 0.5, 0.7
+    for seed in range(3):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        _, y = strong_of(strong_op(t, op), ramp[0])
+        r = 7 if op == "blur" else 1  # kernel radius (blur: sigma <= 2, 13 taps; sharpen: a 3-tap Laplacian)
+        inner = (slice(None), slice(r, -r), slice(r, -r), slice(r, -r))
+        assert torch.allclose(y[inner], ramp[0][inner], atol=1e-4)
+        for ax in (1, 2, 3):
+            shifted = torch.roll(ramp[0], 1, dims=ax)
+            assert (shifted[inner] - ramp[0][inner]).abs().min() > 0.29
+    # and they do change an image that is not linear
+    img = torch.randn(1, 20, 20, 20, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(strong_of(strong_op(t, op), img)[1], img, atol=1e-3)
 
 
-def test_noise_is_additive_and_cutout_fills_a_box_only():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 24, 32, 32, generator=g)
-    aug = StrongIntensityAugmentation(ops=("noise",), n_ops=1, cutout=False)
-    d = aug.apply_op("noise", x, m=1.0, generator=g) - x
-    assert abs(d.mean().item()) < 0.01 and d.std().item() == pytest.approx(0.5 * x.std().item(), rel=0.03)
-    cut = StrongIntensityAugmentation(ops=("noise",), n_ops=0, cutout=True)
-    xb = x[None]
-    y = cut(xb, torch.Generator().manual_seed(4))
-    changed = (y != xb)[0, 0]
+def test_noise_is_additive_and_cutout_fills_a_box_only(synthetic3d):
+    from nnunet_sud.trainers import nnUNetTrainerSegMatch
+    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    x = torch.randn(1, 24, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    d = strong_of(strong_op(t, "noise"), x)[1] - x
+    assert abs(d.mean().item()) < 0.01 and 0 < d.std().item() <= 0.5 + 0.01  # variance in [0, 0.25]
+    t.strong_ops_per_sample = 0  # Cutout alone
+    np.random.seed(4)
+    view = t.strong_view_transform()
+    y = view(image=x.clone())[STRONG_VIEW_KEY]
+    changed = (y != x)[0]
     idx = changed.nonzero()
     lo, hi = idx.min(0).values, idx.max(0).values + 1
     box = changed[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    assert box.all() and changed.sum() == box.numel()  # exactly one axis-aligned box changed
-    assert torch.all(y[0, 0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == y[0, 0, lo[0], lo[1], lo[2]])
+    assert box.all() and changed.sum() == box.numel()  # exactly one axis-aligned box changed ...
+    assert all(1 <= int(h - l) <= p // 2 for l, h, p in zip(lo, hi, t.configuration_manager.patch_size))
+    region = y[0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    assert torch.all(region == region.flatten()[0])  # ... to one value: the box's own mean intensity
+    assert region.flatten()[0].item() == pytest.approx(x[0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].mean().item(),
+                                                      abs=1e-5)
 
 
-def test_trainer_views_are_the_delivered_patch_and_its_intensity_only_augmentation(synthetic3d):
+class _Tag(ImageOnlyTransform):
+    """x -> 10 x + i: the digits of the result record which ops ran, in order."""
+
+    def __init__(self, i):
+        super().__init__()
+        self.i = i
+
+    def _apply_to_image(self, img, **params):
+        return img * 10 + self.i
+
+
+def test_randaugment_applies_n_distinct_ops_in_random_order():
+    aug = RandAugmentTransform([_Tag(i) for i in range(1, 6)], 2)
+    seen = set()
+    for seed in range(60):
+        torch.manual_seed(seed)
+        v = int(aug(image=torch.zeros(1, 1))["image"].item())  # two digits: first op, second op
+        first, second = divmod(v, 10)
+        assert 1 <= first <= 5 and 1 <= second <= 5 and first != second
+        seen.add((first, second))
+    assert len(seen) > 12  # of the 20 ordered pairs: both choice and order vary
+    assert aug(image=torch.zeros(1, 1)) is not None and RandAugmentTransform([_Tag(1)], 0)(
+        image=torch.ones(1, 1))["image"].item() == 1.0
+    with pytest.raises(ValueError):
+        RandAugmentTransform([_Tag(1)], 2)
+
+
+def test_strong_view_comes_from_the_unlabeled_workers(synthetic3d, monkeypatch):
+    """The trainer's unlabeled stream, with one real worker process: the batch carries the strong
+    view beside the weak one, same shape, voxel-aligned (with brightness alone, strong / weak is
+    one factor per sample and channel), and the weak view is the one the plain pipeline gives."""
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
-    x = coordinate_image((24, 32, 32))
-    weak, strong = t.views({"data": x})
-    assert weak is x and strong.shape == x.shape and not torch.allclose(strong, x)  # default: 2 ops + cutout
-    # with the pointwise ops only, each voxel of the strong view still carries its own coordinates
-    t.strong_augmentation = StrongIntensityAugmentation(ops=POINTWISE[:3], n_ops=2, cutout=False)
-    torch.manual_seed(0)
-    weak, strong = t.views({"data": x})
-    for b in range(2):
-        for c in range(3):
-            assert torch.equal(recovered_coordinates(strong[b, c], weak[b, c]), x[b, c])
+
+    class BrightnessOnly(nnUNetTrainerSegMatch):
+        strong_cutout = False
+        strong_ops_per_sample = 1
+
+        def strong_transforms(self):
+            return super().strong_transforms()[:1]
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    t = make_trainer(synthetic3d, BrightnessOnly)
+    t.initialize()
+    stream = t.get_unlabeled_dataloader()
+    try:
+        assert isinstance(stream, NonDetMultiThreadedAugmenter) and stream.num_processes == 1
+        for _ in range(2):
+            batch = next(stream)
+            weak, strong = t.views(batch)
+            assert strong.shape == weak.shape == (t.batch_size, 1, *t.configuration_manager.patch_size)
+            nz = weak.abs() > 1e-3
+            ratio = strong[nz] / weak[nz]
+            for b in range(weak.shape[0]):
+                r = (strong[b][nz[b]] / weak[b][nz[b]])
+                assert r.std() < 1e-4 and 0.5 <= r.mean() <= 1.5 and abs(r.mean() - 1) > 1e-6
+            assert torch.all(strong[~nz].abs() <= 1.5e-3 + 1e-6) and ratio.numel() > 0
+    finally:
+        stream._finish()
+    # a pipeline without the strong view is refused with the way forward
+    with pytest.raises(UserFacingError, match="get_unlabeled_transforms"):
+        t.views({"data": weak})
 
 
 # ---------------------------------------------------------------------- gates and losses
@@ -181,6 +250,7 @@ def _batches(t, seed):
               for i, s in enumerate(t._get_deep_supervision_scales())]
     u = {"data": torch.randn((2, 1, *patch), generator=g), "valid": torch.ones((2, *patch), dtype=torch.bool),
          "coords": torch.zeros((2, 3, *patch)), "keys": ["a", "b"], "case_shapes": torch.tensor([patch, patch])}
+    u[STRONG_VIEW_KEY] = 1.5 * u["data"] + 0.2  # a known strong view, as the workers deliver it
     return {"data": data, "target": target}, u
 
 
@@ -191,7 +261,6 @@ def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segme
     t.initialize()
     assert t.discriminator is None and t.get_extra_state() == {}
     labeled, u = _batches(t, 0)
-    t.strong_augmentation = lambda x: 1.5 * x + 0.2
     loss, logs = t.unlabeled_loss(u)
     with torch.no_grad():
         y_hat = t.network(u["data"])[0].argmax(1)
@@ -227,3 +296,116 @@ def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segme
     state = t.get_extra_state()
     assert all(torch.equal(state["discriminator_weights"][k], v) for k, v in t.discriminator.state_dict().items())
     assert t.labeled_step is None  # cleared after the step
+
+
+# ---------------------------------------------------------------------- the ramp and the discriminator's pairs
+def test_lambda_u_ramps_up_by_lambda_u_rampup(synthetic3d):
+    from nnunet_sud.schedules import Constant
+    from nnunet_sud.trainers import nnUNetTrainerSegMatch
+    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    assert (t.lambda_u, t.lambda_u_rampup) == (1.0, 0.25)
+    # lambda_u exp(-5 (1 - t / 0.25)^2): 0.0067 at the start, exp(-1.25) half way, 1 from 0.25 on
+    assert t.unlabeled_weight(0.0) == pytest.approx(math.exp(-5))
+    assert t.unlabeled_weight(0.125) == pytest.approx(math.exp(-1.25))
+    assert [t.unlabeled_weight(p) for p in (0.25, 0.6, 1.0)] == [1.0, 1.0, 1.0]
+    t.lambda_u, t.lambda_u_rampup = 2.0, 0.5  # read when used
+    assert t.unlabeled_weight(0.25) == pytest.approx(2 * math.exp(-1.25)) and t.unlabeled_weight(0.5) == 2.0
+    t.unlabeled_weight = Constant(1.0)  # an explicit schedule replaces the ramp
+    assert t.unlabeled_weight(0.0) == 1.0
+
+
+def _step_with_spied_discriminator(t, labeled, u):
+    """unlabeled_loss inside a train step's context; returns (loss, logs, D's input, D's logits, L_D)."""
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["pairs"], seen["logits"] = inputs[0].detach(), output
+    handle = t.discriminator.register_forward_hook(hook)
+    t.labeled_step = {"data": labeled["data"], "target": labeled["target"]}
+    t.labeled_step["output"] = t.network(labeled["data"])
+    try:
+        loss, logs = t.unlabeled_loss(u)
+    finally:
+        handle.remove()
+        t.labeled_step = None
+    return loss, logs, seen["pairs"], seen["logits"], t._pending_discriminator_loss
+
+
+def test_discriminator_pairs_random_crop_labeled_patches_and_their_own_predictions(synthetic3d):
+    """Batch of 3 labeled patches with oversample 0.33: nnU-Net's loader crops the first
+    round(3 * 0.67) = 2 at random and forces foreground into the third. D sees [those 2 with their
+    ground truth | the same 2 with the segmenter's argmax | the unlabeled pairs]; L_D is the BCE of
+    the truth pairs -> 1 and the chosen negatives -> 0, by hand from D's logits (2d: fast)."""
+    from nnunet_sud.trainers import nnUNetTrainerSegMatch
+    torch.manual_seed(0)
+    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch, "2d")
+    t.initialize()
+    t.network.eval()  # the spied forward and the recomputed one agree exactly
+    labeled, u = _batches(t, 3)
+    labeled = {"data": torch.cat([labeled["data"], labeled["data"][:1] + 1]),
+               "target": [torch.cat([s, s[:1]]) for s in labeled["target"]]}
+    assert t.oversample_foreground_percent == 0.33 and t.discriminator_negatives == "labeled"
+    n, c = 2, t.label_manager.num_segmentation_heads
+    with torch.no_grad():
+        prediction = t.network(labeled["data"])[0].argmax(1)
+        y_hat = t.network(u["data"])[0].argmax(1)
+    one_hot = lambda y: torch.nn.functional.one_hot(y.long(), c).movedim(-1, 1).float()  # noqa: E731
+    truth = labeled["target"][0][:n, 0]
+    assert not torch.equal(prediction[:n], truth)  # an untrained segmenter: the negatives differ from the truth
+    for negatives in ("labeled", "unlabeled", "both"):  # read when used
+        t.discriminator_negatives = negatives
+        _, logs, pairs, logits, l_d = _step_with_spied_discriminator(t, labeled, u)
+        assert pairs.shape[0] == 2 * n + 2 and logits.shape == (2 * n + 2,)
+        assert torch.equal(pairs[:n], torch.cat([labeled["data"][:n], one_hot(truth)], 1))
+        assert torch.equal(pairs[n:2 * n], torch.cat([labeled["data"][:n], one_hot(prediction[:n])], 1))
+        assert torch.equal(pairs[2 * n:], torch.cat([u["data"], one_hot(y_hat)], 1))
+        a = logits.detach().double()
+        neg = {"labeled": a[n:2 * n], "unlabeled": a[2 * n:], "both": a[n:]}[negatives]
+        by_hand = -torch.nn.functional.logsigmoid(a[:n]).mean() - torch.nn.functional.logsigmoid(-neg).mean()
+        assert l_d.item() == pytest.approx(by_hand.item(), rel=1e-5)
+        assert logs["discriminator_loss"] == pytest.approx(by_hand.item(), rel=1e-5)
+        d = torch.sigmoid(a)
+        assert logs["discriminator_score_truth"] == pytest.approx(d[:n].mean().item(), rel=1e-6)
+        assert logs["discriminator_score_prediction"] == pytest.approx(d[n:2 * n].mean().item(), rel=1e-6)
+        assert logs["discriminator_score"] == pytest.approx(d[2 * n:].mean().item(), rel=1e-6)
+        # the gate fraction: the unlabeled samples with D > tau, as a share of their (all valid) voxels
+        assert logs["pseudo_label_fraction"] == pytest.approx((d[2 * n:] > t.tau).double().mean().item())
+        # L_D reaches D only through the pairs it names: by default the unlabeled logits get no gradient
+        grads = torch.autograd.grad(l_d, logits)[0]
+        assert (grads[:n] != 0).all() and (grads[n:2 * n] != 0).all() == (negatives != "unlabeled")
+        assert (grads[n:2 * n] == 0).all() == (negatives == "unlabeled")
+        assert (grads[2 * n:] == 0).all() == (negatives == "labeled")
+
+
+def test_no_random_crop_in_the_labeled_share_still_steps_the_discriminator(synthetic3d):
+    """Under DDP nnU-Net may give a process only oversampled patches (its oversample 1.0): no labeled
+    pairs, L_D = 0, and the discriminator still takes its (collective) step with zero gradients."""
+    from nnunet_sud.trainers import nnUNetTrainerSegMatch
+    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch, "2d")
+    t.initialize()
+    t.oversample_foreground_percent = 1.0
+    labeled, u = _batches(t, 4)
+    _, logs, pairs, _, l_d = _step_with_spied_discriminator(t, labeled, u)
+    assert pairs.shape[0] == 2 and l_d.item() == 0.0 and math.isnan(logs["discriminator_score_truth"])
+    t.queue_discriminator_loss(l_d)
+    t.after_optimizer_step()
+    assert all(p.grad is not None and not p.grad.any() for p in t.discriminator.parameters())
+
+
+@pytest.mark.parametrize("setting, value, match", [
+    ("lambda_u_rampup", 0.0, "lambda_u_rampup"),
+    ("discriminator_negatives", "images", "discriminator_negatives"),
+    ("probabilistic_oversampling", True, "probabilistic_oversampling"),
+    ("oversample_foreground_percent", 1.0, "oversample_foreground_percent"),
+    ("strong_ops_per_sample", 7, "strong_ops_per_sample"),
+])
+def test_settings_that_break_the_method_are_refused(synthetic3d, setting, value, match):
+    from nnunet_sud.trainers import nnUNetTrainerSegMatch, nnUNetTrainerSegMatch_identity
+    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    setattr(t, setting, value)
+    with pytest.raises(UserFacingError, match=match):
+        t.check_settings()
+    if setting in ("probabilistic_oversampling", "oversample_foreground_percent", "discriminator_negatives"):
+        t = make_trainer(synthetic3d, nnUNetTrainerSegMatch_identity)  # no discriminator: no constraint
+        setattr(t, setting, value)
+        t.check_settings()

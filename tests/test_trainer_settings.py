@@ -1,8 +1,9 @@
 """Settings changed the nnU-Net way, after ``super().__init__()`` in a user's variant, take effect.
 
 The trap: a default computed in ``__init__`` from another setting (SUD's lambda(t) = lambda_max t
-and beta = 0.2 / lambda_max, SegMatch's constant lambda_u) kept the old value when a variant
+and beta = 0.2 / lambda_max, SegMatch's lambda_u) kept the old value when a variant
 changed that setting afterwards; a setting checked only in ``__init__`` was never checked."""
+import math
 import os
 
 import pytest
@@ -56,7 +57,10 @@ def test_sud_mean_teacher_lambda_max_changed_late(synthetic3d):
 def test_segmatch_lambda_u_changed_late(synthetic3d):
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
     t = construct(synthetic3d, late(nnUNetTrainerSegMatch, lambda_u=0.25))
-    assert [t.unlabeled_weight(p) for p in (0.0, 0.7)] == [0.25, 0.25]
+    assert [t.unlabeled_weight(p) for p in (0.25, 0.7)] == [0.25, 0.25]  # the ramp's top follows lambda_u
+    assert t.unlabeled_weight(0.0) == pytest.approx(0.25 * math.exp(-5))
+    t = construct(synthetic3d, late(nnUNetTrainerSegMatch, lambda_u=0.25, lambda_u_rampup=0.5))
+    assert t.unlabeled_weight(0.25) == pytest.approx(0.25 * math.exp(-1.25)) and t.unlabeled_weight(0.5) == 0.25
 
 
 def test_mean_teacher_decay_changed_late_reaches_the_teacher(synthetic3d):
@@ -71,6 +75,8 @@ def test_mean_teacher_decay_changed_late_reaches_the_teacher(synthetic3d):
     ("nnUNetTrainerSUD", "beta", 1.5),
     ("nnUNetTrainerSUD2", "decorrelate", "both"),
     ("nnUNetTrainerSegMatch", "gating", "coin"),
+    ("nnUNetTrainerSegMatch", "lambda_u_rampup", -1.0),
+    ("nnUNetTrainerSegMatch", "discriminator_negatives", "images"),
 ])
 def test_invalid_setting_set_late_stops_training_before_anything_is_built(synthetic3d, trainer, setting, value):
     import nnunet_sud.trainers as T

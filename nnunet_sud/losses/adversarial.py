@@ -17,7 +17,9 @@ labeled pairs as class 1 and (image, prediction) pairs as class 0:
 
     L_D = - mean_l log D(x_l, y_l) - mean_u log(1 - D(x_u, M(x_u)))
 
-(means instead of sums, so the weight of each set does not depend on the batch sizes).
+(means instead of sums, so the weight of each set does not depend on the batch sizes). Which
+images the predicted pairs come from is the trainer's choice (``nnUNetTrainerSegMatch``'s
+``discriminator_negatives``: by default the labeled images' own predictions, x_u -> x_l above).
 
 DMNet, §3.4 (an FCN discriminator on masks only, one output per voxel; 1/0 = ground truth /
 prediction):
@@ -53,17 +55,23 @@ def masked_bce_with_logits(logits: torch.Tensor, target: float, mask: Optional[t
     return (bce * m).sum() / m.sum().clamp_min(1.0)
 
 
-def segmatch_discriminator_loss(logits_labeled: torch.Tensor, logits_unlabeled: torch.Tensor) -> torch.Tensor:
-    """SegMatch eq. 1 as binary cross-entropy: labeled (image, ground truth) pairs -> 1,
-    unlabeled (image, prediction) pairs -> 0.
+def segmatch_discriminator_loss(logits_truth: torch.Tensor, logits_predicted: torch.Tensor,
+                                weights: Sequence[float] = (1.0, 1.0)) -> torch.Tensor:
+    """SegMatch eq. 1 as binary cross-entropy: (image, ground truth) pairs -> 1, (image, predicted
+    mask) pairs -> 0.
 
     Args:
-        logits_labeled: (B_l,) discriminator logits of labeled pairs.
-        logits_unlabeled: (B_u,) logits of (unlabeled image, predicted mask) pairs.
+        logits_truth: (B_t,) discriminator logits of labeled (image, ground truth) pairs.
+        logits_predicted: (B_p,) logits of (image, predicted mask) pairs (eq. 1: unlabeled images;
+            ``nnUNetTrainerSegMatch`` by default: the labeled images' own predictions).
+        weights: factors of the two means (under DDP: ``union_mean_weights`` of the set sizes).
     Returns:
-        scalar: - mean log D(x_l, y_l) - mean log(1 - D(x_u, M(x_u))).
+        scalar: - w_0 mean log D(x, y) - w_1 mean log(1 - D(x, M(x))); an empty set contributes 0
+        (both empty: 0 with the graph of the inputs, so a backward still reaches every parameter).
     """
-    return masked_bce_with_logits(logits_labeled, 1.0) + masked_bce_with_logits(logits_unlabeled, 0.0)
+    terms = [w * masked_bce_with_logits(a, t)
+             for a, t, w in ((logits_truth, 1.0, weights[0]), (logits_predicted, 0.0, weights[1])) if a.numel()]
+    return sum(terms) if terms else (logits_truth.sum() + logits_predicted.sum()).float() * 0
 
 
 def dmnet_discriminator_loss(logits_predicted: Sequence[torch.Tensor],

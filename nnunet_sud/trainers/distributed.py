@@ -9,8 +9,9 @@ losses and validation counts. What nnunet_sud adds beside the network is kept in
   ``DiscriminatorMixin``): ``broadcast_module`` when built (each process draws its own random
   initialisation), ``average_gradients`` between their backward and their optimiser step. Their
   weights then stay identical on every process, and a step equals the step on the union of the
-  processes' batches wherever the loss is a mean over equally many samples per process (SegMatch's
-  L_D, DMNet's L_dis without padding).
+  processes' batches wherever the loss is a mean over equally many samples per process (DMNet's
+  L_dis without padding), or its terms are weighted by ``union_mean_weights`` (SegMatch's L_D,
+  whose labeled pairs per process follow nnU-Net's per-process oversampling).
 * EMA teachers (``EMATeacher``) need nothing: they are built from the broadcast student and
   follow the student, which DDP keeps identical on every process.
 * values logged per epoch: ``gather_concatenated`` (the union of all processes' per-step values),
@@ -67,6 +68,20 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
         n = p.grad.numel()
         p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
         offset += n
+
+
+def union_mean_weights(counts) -> list:
+    """Per set of samples, the factor world * n_here / n_all (1.0 without DDP; 0.0 for a set no
+    process has): a loss sum_k w_k mean_here(set k), averaged over the processes as
+    ``average_gradients`` does, then equals sum_k mean over the union of set k, whatever each
+    process's share n_here. One all-reduce of the counts."""
+    counts = [float(n) for n in counts]
+    if not is_distributed():
+        return [1.0] * len(counts)
+    total = torch.tensor(counts, dtype=torch.float64)
+    dist.all_reduce(total)
+    world = dist.get_world_size()
+    return [world * n / t if t > 0 else 0.0 for n, t in zip(counts, total.tolist())]
 
 
 def gather_concatenated(values: np.ndarray) -> np.ndarray:

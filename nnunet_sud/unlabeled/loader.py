@@ -25,6 +25,12 @@ resampling), so the pipeline and its random draws are the same with and without 
 nnU-Net's ``RemoveLabelTansform(-1, 0)`` turns -1 (padding; background outside the non-zero
 mask of a labeled case) into 0 in every channel; "unknown" is therefore not read from the
 channel but from ``has_label`` and ``valid``.
+
+Extra image keys (a hook for methods that need more than one view of a patch): a transform
+pipeline may declare ``extra_image_keys``, names of per-sample image tensors (C', *patch) that
+its transforms add to the sample dict in the workers (e.g. SegMatch's strong view,
+``nnunet_sud.trainers.segmatch``). Each is stacked into the batch under its own name,
+(B, C', *patch) float32, beside ``data``.
 """
 import os
 from typing import List, Sequence
@@ -85,6 +91,8 @@ class UnlabeledDataLoader(nnUNetDataLoader):
         # nnU-Net samples from class_locations when an ignore label exists; unlabeled cases have none
         self.has_ignore = False
         self.label_manager = label_manager
+        #: per-sample image keys the transforms add, stacked into the batch (module doc)
+        self.extra_image_keys = tuple(getattr(transforms, "extra_image_keys", ()))
 
     def load_label(self, key: str, properties: dict):
         """The case's preprocessed label (1, *shape) or None when it has none (``LABEL_PROPERTY``).
@@ -97,6 +105,7 @@ class UnlabeledDataLoader(nnUNetDataLoader):
     def generate_train_batch(self) -> dict:
         keys = self.get_indices()
         data_all = regr_all = seg_all = None
+        extra = {}
         shapes = np.zeros((self.batch_size, 3), dtype=np.int64)
         has_label = torch.zeros(self.batch_size, dtype=torch.bool)
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
@@ -133,6 +142,9 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                     seg_all = torch.full((self.batch_size, *sample["image"].shape[1:]), UNKNOWN_LABEL,
                                          dtype=torch.int16)
                 data_all[j] = sample["image"]
+                for k in self.extra_image_keys:
+                    extra.setdefault(k, torch.empty((self.batch_size, *sample[k].shape), dtype=torch.float32))[j] = \
+                        sample[k]
                 if regr_all is not None:
                     regr_all[j] = sample["regression_target"]
                 if label is not None:
@@ -143,7 +155,7 @@ class UnlabeledDataLoader(nnUNetDataLoader):
         if ignore is not None:
             seg_all[seg_all == ignore] = UNKNOWN_LABEL
         out = {"data": data_all, "valid": valid, "seg": seg_all, "has_label": has_label, "keys": list(keys),
-               "case_shapes": torch.from_numpy(shapes)}
+               "case_shapes": torch.from_numpy(shapes), **extra}
         if coords is not None:
             out["coords"] = coords.contiguous()
         return out
