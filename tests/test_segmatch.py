@@ -2,8 +2,8 @@
 each variant on constructed scores/confidences, the gated cross-entropy and eq. 1 by hand, and
 one real step (pseudo-labels from the weak view, discriminator stepped after the segmenter,
 kept out of the network weights)."""
+import io
 import math
-import os
 
 import pytest
 import torch
@@ -12,16 +12,9 @@ from nnunet_sud.losses.adversarial import segmatch_discriminator_loss
 from nnunet_sud.losses.pseudo_labels import (confidence_map_gate, gated_cross_entropy, identity_gate,
                                              mean_confidence_gate, score_gate)
 from nnunet_sud.trainers.segmatch import StrongIntensityAugmentation
+from helpers import make_trainer
 
 POINTWISE = ("brightness", "contrast", "gamma", "posterize")
-
-
-def make_trainer(synthetic3d, cls, cfg="3d_fullres"):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    pre = synthetic3d["preprocessed"]
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    return cls(plans, cfg, 0, load_json(os.path.join(pre, "dataset.json")), torch.device("cpu"))
 
 
 def coordinate_image(shape=(6, 8, 10), batch=2):
@@ -100,9 +93,9 @@ def test_noise_is_additive_and_cutout_fills_a_box_only():
     assert torch.all(y[0, 0, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == y[0, 0, lo[0], lo[1], lo[2]])
 
 
-def test_trainer_views_are_the_delivered_patch_and_its_intensity_only_augmentation(synthetic3d):
+def test_trainer_views_are_the_delivered_patch_and_its_intensity_only_augmentation(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic_plans)
     x = coordinate_image((24, 32, 32))
     weak, strong = t.views({"data": x})
     assert weak is x and strong.shape == x.shape and not torch.allclose(strong, x)  # default: 2 ops + cutout
@@ -116,7 +109,7 @@ def test_trainer_views_are_the_delivered_patch_and_its_intensity_only_augmentati
 
 
 # ---------------------------------------------------------------------- gates and losses
-def test_gates_on_constructed_scores_and_confidences(synthetic3d):
+def test_gates_on_constructed_scores_and_confidences(synthetic_plans):
     from nnunet_sud.trainers import (nnUNetTrainerSegMatch, nnUNetTrainerSegMatch_confidenceMap,
                                      nnUNetTrainerSegMatch_identity, nnUNetTrainerSegMatch_meanConfidence)
     # sample 0 confident everywhere (0.97), sample 1 confident on half the voxels (0.99 / 0.6)
@@ -140,11 +133,11 @@ def test_gates_on_constructed_scores_and_confidences(synthetic3d):
     expect = {nnUNetTrainerSegMatch: torch.tensor([0., 1.]), nnUNetTrainerSegMatch_identity: torch.tensor([1., 1.]),
               nnUNetTrainerSegMatch_meanConfidence: torch.tensor([1., 0.])}
     for cls, per_sample in expect.items():
-        m = make_trainer(synthetic3d, cls).gate(probs, valid, scores if cls is nnUNetTrainerSegMatch else None)
+        m = make_trainer(cls, synthetic_plans).gate(probs, valid, scores if cls is nnUNetTrainerSegMatch else None)
         assert torch.equal(m, per_sample[:, None, None].expand(2, 2, 4)), cls.__name__
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch_confidenceMap)
+    t = make_trainer(nnUNetTrainerSegMatch_confidenceMap, synthetic_plans)
     assert t.tau == 0.95 and torch.equal(t.gate(probs, valid, None), cmap)
-    assert make_trainer(synthetic3d, nnUNetTrainerSegMatch).tau == 0.5
+    assert make_trainer(nnUNetTrainerSegMatch, synthetic_plans).tau == 0.5
 
 
 def test_gated_cross_entropy_and_discriminator_loss_by_hand():
@@ -184,10 +177,10 @@ def _batches(t, seed):
     return {"data": data, "target": target}, u
 
 
-def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segmenter(synthetic3d):
+def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segmenter(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerSegMatch, nnUNetTrainerSegMatch_identity
     # identity gating: L_u = mean CE(M(strong), argmax M(weak)), by hand with a known strong view
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch_identity)
+    t = make_trainer(nnUNetTrainerSegMatch_identity, synthetic_plans)
     t.initialize()
     assert t.discriminator is None and t.get_extra_state() == {}
     labeled, u = _batches(t, 0)
@@ -200,7 +193,7 @@ def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segme
 
     # discriminator gating: one full train_step
     torch.manual_seed(0)
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic_plans)
     t.initialize()
     labeled, u = _batches(t, 1)
     t.dataloader_unlabeled = iter([u])
@@ -223,7 +216,18 @@ def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segme
     assert t.discriminator_optimizer.state_dict()["state"][0]["step"] == 1
     # the discriminator is no part of the segmenter (inference = plain segmenter) ...
     assert set(t.network.state_dict()) == set(seg_before) and not any("discrim" in k for k in seg_before)
-    # ... but of the checkpoint's extra state
-    state = t.get_extra_state()
-    assert all(torch.equal(state["discriminator_weights"][k], v) for k, v in t.discriminator.state_dict().items())
+    # ... but of the checkpoint's extra state: saved and loaded into a fresh trainer (another
+    # random discriminator), it restores the stepped discriminator and its Adam moments
+    buf = io.BytesIO()
+    torch.save(t.get_extra_state(), buf)
+    torch.manual_seed(1)
+    fresh = make_trainer(nnUNetTrainerSegMatch, synthetic_plans)
+    fresh.initialize()
+    d_stepped = t.discriminator.state_dict()
+    assert any(not torch.equal(fresh.discriminator.state_dict()[k], v) for k, v in d_stepped.items())
+    fresh.set_extra_state(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    assert all(torch.equal(fresh.discriminator.state_dict()[k], v) for k, v in d_stepped.items())
+    restored, stepped = fresh.discriminator_optimizer.state_dict(), t.discriminator_optimizer.state_dict()
+    assert restored["state"][0]["step"] == 1 and restored["state"].keys() == stepped["state"].keys()
+    assert all(torch.equal(restored["state"][i]["exp_avg"], stepped["state"][i]["exp_avg"]) for i in stepped["state"])
     assert t.labeled_step is None  # cleared after the step
