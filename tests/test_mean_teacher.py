@@ -418,14 +418,14 @@ def test_dae_uncertainty_is_the_squared_distance_of_the_maps_by_hand():
 
 # ---------------------------------------------------------------------- errors before training
 @pytest.mark.parametrize("trainer_name", ["nnUNetTrainerDAEUncertainty", "nnUNetTrainerPostDenoise"])
-def test_missing_denoiser_stops_training_before_anything_is_built(trainer_name, synthetic_plans, monkeypatch, tmp_path):
+def test_missing_denoiser_stops_training_before_anything_is_built(trainer_name, synthetic3d, monkeypatch, tmp_path):
     import nnunetv2.paths
     import nnunet_sud.trainers as trainers
     monkeypatch.setattr(nnunetv2.paths, "nnUNet_results", str(tmp_path))   # no trained denoiser there
     monkeypatch.delenv("nnUNet_denoiser", raising=False)
-    tr = make_trainer(getattr(trainers, trainer_name), synthetic_plans)
+    tr = make_trainer(getattr(trainers, trainer_name), synthetic3d)
     with pytest.raises(UserFacingError, match=r"no trained label denoiser found.*"
-                                              r"nnUNetv2_train 992 3d_fullres 0 -tr nnUNetTrainerLabelDenoiser"):
+                                              r"nnUNetv2_train 991 3d_fullres 0 -tr nnUNetTrainerLabelDenoiser"):
         tr.on_train_start()
     assert tr.network is None and tr.dataloader_train is None
 
