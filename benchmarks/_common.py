@@ -91,9 +91,11 @@ def random_denoiser(trainer):
 
 
 def start_trainer(trainer, denoiser=None, num_epochs: int = 1000, iterations_per_epoch: int = 250):
-    """Set the schedule length, give SUD-style trainers ``denoiser`` (when they need one), run
-    ``on_train_start`` and ``on_train_epoch_start``: the trainer is ready for ``train_step``."""
-    trainer.num_epochs, trainer.num_iterations_per_epoch = num_epochs, iterations_per_epoch
+    """Set the schedule length (a :class:`nnunet_sud.budget.Budget`, as the ``_bench`` variants get it),
+    give SUD-style trainers ``denoiser`` (when they need one), run ``on_train_start`` and
+    ``on_train_epoch_start``: the trainer is ready for ``train_step``."""
+    from nnunet_sud.budget import Budget
+    Budget(num_epochs, iterations_per_epoch).apply(trainer)
     if denoiser is not None and getattr(trainer, "needs_denoiser", lambda: False)():
         trainer.denoiser = denoiser
     trainer.on_train_start()

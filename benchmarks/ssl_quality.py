@@ -71,8 +71,8 @@ import numpy as np  # noqa: E402
 
 from nnunet_sud.errors import UserFacingError  # noqa: E402
 from nnunet_sud.evaluation.target_quality import target_quality_report  # noqa: E402
-from nnunet_sud.experiment import (Experiment, check_trainers, needs_denoiser,  # noqa: E402
-                                   schedule_variants_source)
+from nnunet_sud.budget import variants_source  # noqa: E402
+from nnunet_sud.experiment import Experiment, check_trainers, needs_denoiser  # noqa: E402
 
 SUFFIX = "_bench"
 DENOISER = "nnUNetTrainerLabelDenoiser"
@@ -167,8 +167,8 @@ class Benchmark:
                 self.sources[key] = Source(key, folder, cfg, args.la_test)
         budgets = {t: (args.epochs, args.iterations) for t in ["nnUNetTrainer"] + self.trainers}
         budgets[DENOISER] = (args.denoiser_epochs, args.denoiser_iterations)
-        self.x.write_variants("bench_variants.py", schedule_variants_source(
-            budgets, args.val_iterations, SUFFIX, skip_final_validation=True, purpose="benchmarks/ssl_quality.py"))
+        self.x.write_variants("bench_variants.py", variants_source(
+            budgets, args.val_iterations, SUFFIX, final_validation=False, purpose="benchmarks/ssl_quality.py"))
         self.times = {}
 
     def ident(self, key: str) -> int:

@@ -20,16 +20,19 @@ import os
 import shutil
 import time
 
+from nnunet_sud.budget import variants_source
 from nnunet_sud.dataset_conversion.synthetic import LABELS as SYNTHETIC_LABELS
 from nnunet_sud.errors import UserFacingError
-from nnunet_sud.experiment import Experiment, check_trainers, needs_denoiser, schedule_variants_source
+from nnunet_sud.experiment import Experiment, check_trainers, needs_denoiser
 
 DEMO_ID = 990
 DEMO_NAME = "Dataset990_SyntheticDemo"
 
-# epochs, iterations per epoch, validation iterations, denoiser epochs; data: labeled, unlabeled, test, shape
+# epochs, iterations per epoch, validation iterations, denoiser epochs; data: labeled, unlabeled, test, shape;
+# final_validation: nnU-Net's prediction of the validation case after training (the smoke run skips it:
+# the test images are predicted and evaluated anyway; the denoiser keeps its own, its quality record)
 SCHEDULES = {
-    "smoke": dict(epochs=1, iters=2, val_iters=1, den_epochs=1, den_iters=2,
+    "smoke": dict(epochs=1, iters=2, val_iters=1, den_epochs=1, den_iters=2, final_validation=False,
                   labeled=4, unlabeled=4, test=2, shape=(16, 24, 24)),
     "short": dict(epochs=6, iters=25, val_iters=2, den_epochs=4, den_iters=25,
                   labeled=6, unlabeled=24, test=8, shape=(24, 32, 32)),
@@ -61,8 +64,9 @@ class Demo:
         s = self.s
         budgets = {t: (s["epochs"], s["iters"]) for t in self.trainers}
         budgets["nnUNetTrainerLabelDenoiser"] = (s["den_epochs"], s["den_iters"])
-        self.x.write_variants("demo_variants.py", schedule_variants_source(budgets, s["val_iters"], "_demo",
-                                                                          purpose="nnunet-sud demo"))
+        self.x.write_variants("demo_variants.py", variants_source(
+            budgets, s["val_iters"], "_demo", final_validation=s.get("final_validation", True),
+            purpose="nnunet-sud demo"))
         if not os.path.isfile(os.path.join(self.raw, "dataset.json")):
             self.say(f"1/6 generating {s['labeled']} labeled, {s['unlabeled']} unlabeled, {s['test']} test cases")
             generate_dataset(self.x.env["nnUNet_raw"], DEMO_ID, "3d", s["labeled"], s["unlabeled"], s["test"],

@@ -1,10 +1,9 @@
 """Experiments run the way a user types them: the shared machinery of ``nnunet-sud demo`` and the
 real-data benchmark (``benchmarks/ssl_quality.py``).
 
-* :func:`schedule_variants_source`: a training budget as nnU-Net trainer variants (a user's own
-  variant module, found through ``nnUNet_extTrainer``), e.g. ``nnUNetTrainerSUD_demo`` with
-  ``num_epochs`` / ``num_iterations_per_epoch`` set; every trainer of one experiment gets the
-  same budget.
+* training budgets are trainer variants written by :func:`nnunet_sud.budget.variants_source` (a user's
+  own variant module, found through ``nnUNet_extTrainer``), e.g. ``nnUNetTrainerSUD_demo``; every
+  trainer of one experiment gets the same budget.
 * :class:`Experiment`: one folder holding its own ``nnUNet_raw`` / ``_preprocessed`` /
   ``_results``, the variant module and a log per step; it runs the real commands
   (``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train``, ``nnUNetv2_predict``, ``nnunet-sud ...``)
@@ -14,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence
 
 from nnunet_sud.errors import UserFacingError
 
@@ -65,45 +64,6 @@ def require_nnunet_folders() -> Dict[str, str]:
     if missing:
         raise UserFacingError(f"{', '.join(missing)} not set: export the nnU-Net folders as for nnUNetv2_train")
     return {k: os.environ[k] for k in NNUNET_FOLDERS}
-
-
-def _final_validation_is_quality_record(trainer: str) -> bool:
-    from nnunet_sud import trainers
-    from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
-    cls = getattr(trainers, trainer, None)
-    return isinstance(cls, type) and issubclass(cls, nnUNetTrainerLabelDenoiser)
-
-
-def schedule_variants_source(budgets: Dict[str, Tuple[int, int]], val_iters: int, suffix: str,
-                             skip_final_validation: bool = False, purpose: str = "") -> str:
-    """Source of a module defining ``<trainer><suffix>`` for each ``trainer: (epochs, iterations)``.
-
-    ``skip_final_validation`` replaces nnU-Net's final validation (prediction of the validation
-    cases after training) by a log line: for fold ``all`` it would only predict training cases.
-    A label-map denoiser keeps its own: it is the clean/noisy quality record
-    (``denoiser_validation.json``) that trainers using the denoiser check when they load it.
-
-    ``checkpoint_latest.pth`` is written every tenth of the budget (nnU-Net: every 50 epochs, so a
-    20-epoch run stopped at epoch 19 would resume from scratch with ``--c``).
-    """
-    lines = [f'"""Training budgets{(" of " + purpose) if purpose else ""}: a user\'s own trainer variants '
-             '(written by nnunet_sud.experiment)."""',
-             "import torch",
-             "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
-             "from nnunet_sud.trainers import *  # noqa", ""]
-    for t, (epochs, iters) in budgets.items():
-        lines += [f"class {t}{suffix}({t}):",
-                  "    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):",
-                  "        super().__init__(plans, configuration, fold, dataset_json, device)",
-                  f"        self.num_epochs = {int(epochs)}",
-                  f"        self.num_iterations_per_epoch = {int(iters)}",
-                  f"        self.num_val_iterations_per_epoch = {int(val_iters)}",
-                  f"        self.save_every = {max(1, min(50, int(epochs) // 10))}", ""]
-        if skip_final_validation and not _final_validation_is_quality_record(t):
-            lines += ["    def perform_actual_validation(self, save_probabilities: bool = False):",
-                      "        self.print_to_log_file('final validation skipped (budget variant): the test set is "
-                      "predicted separately')", ""]
-    return "\n".join(lines) + "\n"
 
 
 class Experiment:

@@ -34,6 +34,8 @@ os.environ["nnUNet_extTrainer"] = ext_trainer_value(os.path.join(TESTS_DIR, "ext
 
 SYN3D_ID = 991
 SYN3D_NAME = "Dataset991_Synthetic3D"
+PLANS_ONLY_ID = 992
+PLANS_ONLY_NAME = "Dataset992_SyntheticPlansOnly"
 
 
 def run_cmd(args, timeout=1200, env=None):
@@ -80,6 +82,18 @@ def synthetic3d(nnunet_dirs):
             json.dump(split, f)
     return {"id": SYN3D_ID, "name": SYN3D_NAME, "raw": os.path.join(nnunet_dirs["nnUNet_raw"], SYN3D_NAME),
             "preprocessed": pre}
+
+
+@pytest.fixture(scope="session")
+def synthetic_plans(nnunet_dirs):
+    """Dataset992: nnU-Net's plans (2d, 3d_fullres) and dataset.json of the synthetic task of
+    ``synthetic3d`` (tests/data/synthetic3d_plans.json), written in milliseconds: no planning, no
+    preprocessing, no images. Enough to build and initialise trainers (network, loss, optimizer,
+    schedules, settings checks: ``helpers.make_trainer``), not to load data. Results of trainers
+    built on it go to their own dataset folder, apart from the real runs on Dataset991."""
+    from helpers import write_synthetic_plans
+    pre = write_synthetic_plans(nnunet_dirs["nnUNet_preprocessed"], PLANS_ONLY_NAME)
+    return {"id": PLANS_ONLY_ID, "name": PLANS_ONLY_NAME, "preprocessed": pre}
 
 
 @pytest.fixture(scope="session")

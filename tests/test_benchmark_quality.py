@@ -110,12 +110,11 @@ def test_budget_variants_set_the_budget_and_checkpoint_often_enough_to_resume(tm
     would make a stopped 20-epoch benchmark restart from scratch with --c)."""
     import sys
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_sud.experiment import schedule_variants_source
+    from nnunet_sud.budget import variants_source
     from nnunet_sud.trainers.sud import nnUNetTrainerSUD
     for suffix, epochs in (("_bx", 20), ("_by", 3), ("_bz", 1000)):
-        src = schedule_variants_source({"nnUNetTrainer": (epochs, 7), "nnUNetTrainerSUD": (epochs, 7),
-                                        "nnUNetTrainerLabelDenoiser": (epochs, 7)}, 5, suffix,
-                                       skip_final_validation=True)
+        src = variants_source({"nnUNetTrainer": (epochs, 7), "nnUNetTrainerSUD": (epochs, 7),
+                               "nnUNetTrainerLabelDenoiser": (epochs, 7)}, 5, suffix, final_validation=False)
         (tmp_path / f"v{suffix}.py").write_text(src)
     sys.path.insert(0, str(tmp_path))
     try:
@@ -123,13 +122,6 @@ def test_budget_variants_set_the_budget_and_checkpoint_often_enough_to_resume(tm
     finally:
         sys.path.remove(str(tmp_path))
     assert issubclass(mods["_bx"].nnUNetTrainerSUD_bx, nnUNetTrainerSUD)
-    # the segmenters skip nnU-Net's final validation (it would predict fold all's training cases);
-    # the denoiser keeps its own: the quality record that SUD checks when it loads the denoiser
-    from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
-    m = mods["_bx"]
-    assert m.nnUNetTrainerSUD_bx.perform_actual_validation is not nnUNetTrainerSUD.perform_actual_validation
-    assert (m.nnUNetTrainerLabelDenoiser_bx.perform_actual_validation
-            is nnUNetTrainerLabelDenoiser.perform_actual_validation)
 
     # nnU-Net's own __init__ (plans, folders) is not what is tested here; it sets save_every = 50
     def plain_init(self, *args, **kwargs):
@@ -140,6 +132,20 @@ def test_budget_variants_set_the_budget_and_checkpoint_often_enough_to_resume(tm
     got = {s: (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch, t.save_every)
            for s, t in budget.items()}
     assert got == {"_bx": (20, 7, 5, 2), "_by": (3, 7, 5, 1), "_bz": (1000, 7, 5, 50)}
+
+    # the segmenters skip nnU-Net's final validation (it would predict fold all's training cases);
+    # the denoiser keeps its own: the quality record that SUD checks when it loads the denoiser
+    from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
+    validated, logged = [], []
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation", lambda self, *a: validated.append(type(self)))
+    monkeypatch.setattr(nnUNetTrainerLabelDenoiser, "perform_actual_validation",
+                        lambda self, *a: validated.append(type(self)))
+    monkeypatch.setattr(nnUNetTrainer, "print_to_log_file", lambda self, *a, **k: logged.append(" ".join(a)))
+    m = mods["_bx"]
+    for cls in (m.nnUNetTrainer_bx, m.nnUNetTrainerSUD_bx, m.nnUNetTrainerLabelDenoiser_bx):
+        object.__new__(cls).perform_actual_validation()  # what it does depends on the class alone
+    assert validated == [m.nnUNetTrainerLabelDenoiser_bx]
+    assert len(logged) == 2 and all("final validation skipped" in line for line in logged)
 
 
 def test_self_training_students_get_dataset_ids_of_their_own(tmp_path):

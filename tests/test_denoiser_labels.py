@@ -13,6 +13,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from conftest import nnunet_sud_cmd, run_cmd
+from helpers import make_trainer
 from nnunet_sud.denoiser.data import LabelMapDataset
 from nnunet_sud.denoiser.preprocess import preprocess_denoiser_labels
 from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
@@ -21,16 +22,6 @@ from nnunet_sud.errors import UserFacingError
 
 def _read(path):
     return blosc2.open(path, mode="r")[:]
-
-
-def _trainer(synthetic3d, cfg="3d_fullres", fold=0):
-    pre = synthetic3d["preprocessed"]
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    tr = nnUNetTrainerLabelDenoiser(plans, cfg, fold, load_json(os.path.join(pre, "dataset.json")),
-                                    torch.device("cpu"))
-    tr.initialize()
-    return tr
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +58,7 @@ def extra(synthetic3d):
 
 
 def test_trainer_demands_preprocessing_of_raw_extra_maps(extra):
-    tr = _trainer(extra)
+    tr = make_trainer(nnUNetTrainerLabelDenoiser, extra, initialize=True)
     with pytest.raises(UserFacingError) as e:
         tr.get_tr_and_val_datasets()
     assert "holds 3 label maps but only 0 are preprocessed" in str(e.value)
@@ -102,7 +93,7 @@ def test_cli_preprocesses_with_the_plans(extra):
 
 
 def test_trainer_trains_on_split_plus_extra_maps_and_validates_on_the_split_only(extra):
-    tr = _trainer(extra)
+    tr = make_trainer(nnUNetTrainerLabelDenoiser, extra, initialize=True)
     splits = load_json(os.path.join(extra["preprocessed"], "splits_final.json"))
     ds_tr, ds_val = tr.get_tr_and_val_datasets()
     assert isinstance(ds_tr, LabelMapDataset)
@@ -152,7 +143,7 @@ def test_training_batches_are_corrupted_one_hot_labels(extra, monkeypatch):
     """nnU-Net's loader + spatial augmentation on label maps only; the step input is the corrupted
     one-hot of the augmented target (sigma = 0: exactly its clean encoding)."""
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # single-threaded loader in this process
-    tr = _trainer(extra)
+    tr = make_trainer(nnUNetTrainerLabelDenoiser, extra, initialize=True)
     tr.corruption_sigma = 0.0
     names = [type(t).__name__ for t in tr.get_training_transforms(
         [24, 32, 32], (-0.5, 0.5), None, (0, 1, 2), False).transforms]

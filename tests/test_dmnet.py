@@ -2,7 +2,6 @@
 dual-decoder network (two different decoders from the plans, deep supervision switched on both,
 inference = the average of the decoders' softmaxes), and one real step."""
 import math
-import os
 
 import pytest
 import torch
@@ -12,14 +11,7 @@ from nnunet_sud.losses.adversarial import dmnet_adversarial_loss, dmnet_discrimi
 from nnunet_sud.losses.agreement import dice_difference_loss, sharpen
 from nnunet_sud.trainers.discriminator import ConvDiscriminator, plan_strides
 from nnunet_sud.trainers.dmnet import DecoderOutputs, DualDecoderUNet, InterpolationUNetDecoder
-
-
-def make_trainer(synthetic3d, cls, cfg="3d_fullres"):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    pre = synthetic3d["preprocessed"]
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    return cls(plans, cfg, 0, load_json(os.path.join(pre, "dataset.json")), torch.device("cpu"))
+from helpers import make_trainer
 
 
 # ---------------------------------------------------------------------- losses by hand
@@ -71,10 +63,10 @@ def test_adversarial_losses_by_hand():
 
 
 # ---------------------------------------------------------------------- the network
-def test_two_different_decoders_and_inference_averages_their_softmaxes(synthetic3d):
+def test_two_different_decoders_and_inference_averages_their_softmaxes(synthetic_plans):
     from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
     from nnunet_sud.trainers import nnUNetTrainerDMNet
-    t = make_trainer(synthetic3d, nnUNetTrainerDMNet)
+    t = make_trainer(nnUNetTrainerDMNet, synthetic_plans)
     t.initialize()
     net = t.network
     assert isinstance(net, DualDecoderUNet)
@@ -129,10 +121,10 @@ def test_two_different_decoders_and_inference_averages_their_softmaxes(synthetic
 
 
 # ---------------------------------------------------------------------- one real step
-def test_step_losses_and_discriminator_update(synthetic3d):
+def test_step_losses_and_discriminator_update(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerDMNet, nnUNetTrainerDMNet_noAdv
     torch.manual_seed(0)
-    t = make_trainer(synthetic3d, nnUNetTrainerDMNet)
+    t = make_trainer(nnUNetTrainerDMNet, synthetic_plans)
     assert (t.lambda1, t.lambda2, t.temperature, t.discriminator_lr, t.discriminator_weight_decay) == \
         (0.01, 0.1, 0.5, 1e-5, 5e-5)
     assert t.unlabeled_weight(0.3) == 1.0
@@ -197,5 +189,5 @@ def test_step_losses_and_discriminator_update(synthetic3d):
     assert any(not torch.equal(d0[k], v) for k, v in t.discriminator.state_dict().items())
 
     # without the adversarial part there is no discriminator (nor its checkpoint state) at all
-    n = make_trainer(synthetic3d, nnUNetTrainerDMNet_noAdv)
+    n = make_trainer(nnUNetTrainerDMNet_noAdv, synthetic_plans)
     assert not n.needs_discriminator() and n.get_extra_state() == {} and n.extra_log_keys == ("dice_difference",)

@@ -1,6 +1,9 @@
-"""SUD and TE end to end through nnUNetv2_train / nnUNetv2_predict on CPU: a trained denoiser
-found through nnUNet_denoiser, an interrupted run, --c restoring exactly the soft-target store
-of the checkpoint, clean-up, and plain prediction from the model folder."""
+"""SUD and TE end to end through nnUNetv2_train on CPU: a trained denoiser found through
+nnUNet_denoiser, an interrupted run, --c restoring exactly the soft-target store of the checkpoint,
+clean-up, and prediction from the model folder alone (nnUNet_denoiser unset) by nnU-Net's predictor
+as nnUNetv2_predict sets it up, in process (helpers.predict_in_process; the command itself runs on
+our trainers' folders in test_e2e_semi_supervised_base, test_mean_teacher_e2e and
+test_e2e_single_slice_2d)."""
 import filecmp
 import os
 import shutil
@@ -8,29 +11,14 @@ import subprocess
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from conftest import run_cmd
+from helpers import predict_without_denoiser
 
 
 def _fold(results, dataset, trainer):
     return os.path.join(results, dataset, f"{trainer}__nnUNetPlans__3d_fullres", "fold_0")
-
-
-def _predict_one(synthetic3d, trainer, tmp_path):
-    inp = tmp_path / f"in_{trainer}"
-    inp.mkdir()
-    shutil.copy(os.path.join(synthetic3d["raw"], "imagesTs", "syn_ts_000_0000.nii.gz"), inp)
-    out = tmp_path / f"pred_{trainer}"
-    # a clean environment: no nnUNet_denoiser, the model folder must be self-sufficient
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_denoiser"}
-    run_cmd(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(synthetic3d["id"]), "-c", "3d_fullres",
-             "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env=env)
-    pred = sitk.ReadImage(str(out / "syn_ts_000.nii.gz"))
-    ref = sitk.ReadImage(os.path.join(synthetic3d["raw"], "labelsTs", "syn_ts_000.nii.gz"))
-    assert pred.GetSize() == ref.GetSize()
-    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
 
 
 def _store_files(folder):
@@ -38,7 +26,7 @@ def _store_files(folder):
 
 
 @pytest.mark.e2e
-def test_sud_train_interrupt_resume_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path):
+def test_sud_train_interrupt_resume_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path, monkeypatch):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunet_sud.trainers import nnUNetTrainerSUD
 
@@ -94,11 +82,11 @@ def test_sud_train_interrupt_resume_predict(synthetic3d, tiny_denoiser, nnunet_d
     for d in ("soft_targets", "soft_targets_checkpoint_latest", "soft_targets_checkpoint_best"):
         assert not os.path.exists(os.path.join(fold, d))
     assert not os.path.exists(os.path.join(fold, "checkpoint_latest_extra_state.pth"))
-    _predict_one(synthetic3d, trainer, tmp_path)
+    predict_without_denoiser(synthetic3d, trainer, monkeypatch)
 
 
 @pytest.mark.e2e
-def test_sud_mean_teacher_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path):
+def test_sud_mean_teacher_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path, monkeypatch):
     trainer = "nnUNetTrainerSUDMeanTeacher_tiny"
     fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
     shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
@@ -109,11 +97,11 @@ def test_sud_mean_teacher_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs,
     ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)
     assert not any(k.startswith("teacher") for k in ckpt["network_weights"])  # inference: the student only
     assert {"target_dice/" + k for k in ("student", "teacher", "denoised", "target")} <= set(ckpt["logging"])
-    _predict_one(synthetic3d, trainer, tmp_path)
+    predict_without_denoiser(synthetic3d, trainer, monkeypatch)
 
 
 @pytest.mark.e2e
-def test_te_train_predict(synthetic3d, nnunet_dirs, tmp_path):
+def test_te_train_predict(synthetic3d, nnunet_dirs, tmp_path, monkeypatch):
     trainer = "nnUNetTrainerTE_tiny"
     fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
     shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
@@ -129,4 +117,4 @@ def test_te_train_predict(synthetic3d, nnunet_dirs, tmp_path):
     assert 1 / 3 - 1e-6 <= log["target_new_fraction"][0] <= 1 and 0 <= log["target_new_fraction"][1] <= 1
     assert "target_dice/prediction" in log and "target_dice/target" in log
     assert "target_dice/denoised" not in log  # TE has no denoiser
-    _predict_one(synthetic3d, trainer, tmp_path)
+    predict_without_denoiser(synthetic3d, trainer, monkeypatch)

@@ -11,15 +11,7 @@ from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.consistency import dae_uncertainty, entropy, mc_entropy, weighted_consistency
 from nnunet_sud.network_helpers import unwrap_network
 from nnunet_sud.trainers.teacher import EMATeacher
-
-
-def make_trainer(cls, synthetic3d, cfg="3d_fullres"):
-    """As nnunetv2's run_training builds a trainer (it adds 'continue_training' to the plans)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    pre = synthetic3d["preprocessed"]
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    return cls(plans, cfg, 0, load_json(os.path.join(pre, "dataset.json")), torch.device("cpu"))
+from helpers import make_trainer
 
 
 def tiny_net(c_in=1, c_out=4):
@@ -106,7 +98,7 @@ def test_teacher_copies_the_plain_module_of_compiled_and_ddp_networks(tmp_path):
 
 
 # ---------------------------------------------------------------------- schedules and defaults
-def test_consistency_weight_and_threshold_ramps(synthetic3d):
+def test_consistency_weight_and_threshold_ramps(synthetic_plans):
     from nnunet_sud.trainers import (nnUNetTrainerDAEUncertainty, nnUNetTrainerDAEUncertainty_kappa5,
                                      nnUNetTrainerDAEUncertainty_lambda0p5, nnUNetTrainerMeanTeacher,
                                      nnUNetTrainerUAMT)
@@ -114,10 +106,10 @@ def test_consistency_weight_and_threshold_ramps(synthetic3d):
     gauss = [0.1 * math.exp(-5 * (1 - t) ** 2) for t in ts]
     assert gauss[0] == pytest.approx(0.1 * 0.006737947) and gauss[-1] == pytest.approx(0.1)
     for cls in (nnUNetTrainerMeanTeacher, nnUNetTrainerUAMT, nnUNetTrainerDAEUncertainty):
-        tr = make_trainer(cls, synthetic3d)
+        tr = make_trainer(cls, synthetic_plans)
         assert [tr.unlabeled_weight(t) for t in ts] == pytest.approx(gauss)
         assert (tr.ema_decay, tr.ema_warmup, tr.teacher_noise_std, tr.teacher_noise_clip) == (0.99, True, 0.1, 0.2)
-    uamt = make_trainer(nnUNetTrainerUAMT, synthetic3d)
+    uamt = make_trainer(nnUNetTrainerUAMT, synthetic_plans)
     assert uamt.mc_passes == 8
     ln2 = math.log(2)  # the reference's scale, whatever C is (here background + 3 labels)
     assert [uamt.uncertainty_threshold(t) for t in ts] == pytest.approx(
@@ -125,15 +117,15 @@ def test_consistency_weight_and_threshold_ramps(synthetic3d):
     assert uamt.uncertainty_threshold(0.0) == pytest.approx(0.7517 * ln2, abs=1e-4)
     assert uamt.uncertainty_threshold(1.0) == pytest.approx(ln2)
     from nnunet_sud.trainers import nnUNetTrainerUAMT_lnC
-    assert make_trainer(nnUNetTrainerUAMT_lnC, synthetic3d).uncertainty_threshold(1.0) == pytest.approx(math.log(4))
-    assert make_trainer(nnUNetTrainerDAEUncertainty, synthetic3d).kappa == 1.0
-    assert make_trainer(nnUNetTrainerDAEUncertainty_kappa5, synthetic3d).kappa == 5.0
-    assert make_trainer(nnUNetTrainerDAEUncertainty_lambda0p5, synthetic3d).unlabeled_weight(1.0) == pytest.approx(0.5)
+    assert make_trainer(nnUNetTrainerUAMT_lnC, synthetic_plans).uncertainty_threshold(1.0) == pytest.approx(math.log(4))
+    assert make_trainer(nnUNetTrainerDAEUncertainty, synthetic_plans).kappa == 1.0
+    assert make_trainer(nnUNetTrainerDAEUncertainty_kappa5, synthetic_plans).kappa == 5.0
+    assert make_trainer(nnUNetTrainerDAEUncertainty_lambda0p5, synthetic_plans).unlabeled_weight(1.0) == pytest.approx(0.5)
 
 
-def test_teacher_input_noise_is_clipped_gaussian(synthetic3d):
+def test_teacher_input_noise_is_clipped_gaussian(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerMeanTeacher
-    tr = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    tr = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     torch.manual_seed(0)
     x = torch.full((4, 1, 40, 40, 40), 3.0)
     noise = tr.perturb(x) - x
@@ -145,20 +137,20 @@ def test_teacher_input_noise_is_clipped_gaussian(synthetic3d):
 
 
 # ---------------------------------------------------------------------- mean teacher
-def test_mean_teacher_consistency_is_the_mean_squared_softmax_difference(synthetic3d):
+def test_mean_teacher_consistency_is_the_mean_squared_softmax_difference(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerMeanTeacher
-    tr = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    tr = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     p_s = torch.tensor([[[0.7, 0.1]], [[0.3, 0.9]]]).permute(1, 0, 2)[None]   # (1, 2 classes, 1, 2)
     p_t = torch.tensor([[[0.5, 0.5]], [[0.5, 0.5]]]).permute(1, 0, 2)[None]
     # voxel 0: (0.2^2 + 0.2^2) / 2 = 0.04; voxel 1: (0.4^2 + 0.4^2) / 2 = 0.16 -> mean 0.1
     assert float(tr.consistency_loss(p_s, p_t)) == pytest.approx(0.1)
 
 
-def test_mean_teacher_in_process_teacher_lifecycle_and_extra_state(synthetic3d):
+def test_mean_teacher_in_process_teacher_lifecycle_and_extra_state(synthetic_plans):
     """initialize -> teacher copy (deep supervision off); a step's gradient reaches the student only;
     after_optimizer_step is the EMA; extra state restores identical weights and the step counter."""
     from nnunet_sud.trainers import nnUNetTrainerMeanTeacher
-    tr = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    tr = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     tr.initialize()
     student = tr.plain_network()
     assert tr.teacher.module is not student and tr.teacher.module.decoder.deep_supervision is False
@@ -192,7 +184,7 @@ def test_mean_teacher_in_process_teacher_lifecycle_and_extra_state(synthetic3d):
 
     state = tr.get_extra_state()
     assert state["ema_step"] == 6
-    other = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    other = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     other.initialize()
     other.set_extra_state(state)
     assert other.teacher.step == 6 and other._teacher_restored
@@ -213,9 +205,9 @@ def _agree_disagree_passes(k=8, c=4):
     return p
 
 
-def test_uamt_uncertainty_keeps_agreeing_voxels_and_masks_disagreeing_ones(synthetic3d):
+def test_uamt_uncertainty_keeps_agreeing_voxels_and_masks_disagreeing_ones(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerUAMT
-    tr = make_trainer(nnUNetTrainerUAMT, synthetic3d)
+    tr = make_trainer(nnUNetTrainerUAMT, synthetic_plans)
     p_k = _agree_disagree_passes()
     u = tr.uncertainty(p_k)
     assert u.shape == (1, 1, 1, 2)
@@ -251,9 +243,9 @@ class _Recorder(nn.Module):
         return self.conv(x)
 
 
-def test_uamt_passes_are_batched_in_pass_major_order(synthetic3d):
+def test_uamt_passes_are_batched_in_pass_major_order(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerUAMT
-    tr = make_trainer(nnUNetTrainerUAMT, synthetic3d)
+    tr = make_trainer(nnUNetTrainerUAMT, synthetic_plans)
     tr.teacher = EMATeacher(_Recorder())
     x = torch.randn(2, 1, 3, 4, 5)
     p_k = tr.mc_teacher_probabilities(x)
@@ -281,9 +273,9 @@ def _dae_case():
     return p_s, p_t, p_hat
 
 
-def test_dae_weights_are_exp_of_minus_kappa_u_and_loss_is_their_weighted_mean(synthetic3d):
+def test_dae_weights_are_exp_of_minus_kappa_u_and_loss_is_their_weighted_mean(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerDAEUncertainty
-    tr = make_trainer(nnUNetTrainerDAEUncertainty, synthetic3d)
+    tr = make_trainer(nnUNetTrainerDAEUncertainty, synthetic_plans)
     p_s, p_t, p_hat = _dae_case()
     u_hand = [0.0, 0.3 ** 2 * 2, 0.9 ** 2 * 2]                   # ||p_hat - p_t||^2 = 0, 0.18, 1.62
     d_hand = [0.3 ** 2, 0.2 ** 2, 0.7 ** 2]                      # ||p_s - p_t||^2 / C (class mean, as MT)
@@ -303,7 +295,7 @@ def test_dae_weights_are_exp_of_minus_kappa_u_and_loss_is_their_weighted_mean(sy
         assert ratio[2] / ratio[0] == pytest.approx(w_hand[2] / w_hand[0], rel=1e-5)
 
 
-def test_dae_consistency_has_mean_teachers_weight_and_the_class_sum_is_a_variant(synthetic3d):
+def test_dae_consistency_has_mean_teachers_weight_and_the_class_sum_is_a_variant(synthetic_plans):
     """Equal lambda, equal weight (seed 001 compares at equal lambda): with U = 0 (weights 1) DAE-MT's
     consistency is MT's; the paper's sum over classes is C times it."""
     from nnunet_sud.trainers import (nnUNetTrainerDAEUncertainty, nnUNetTrainerDAEUncertainty_classSum,
@@ -311,14 +303,14 @@ def test_dae_consistency_has_mean_teachers_weight_and_the_class_sum_is_a_variant
     g = torch.Generator().manual_seed(3)
     p_s = torch.softmax(torch.randn(2, 4, 3, 3, 3, generator=g), 1)
     p_t = torch.softmax(torch.randn(2, 4, 3, 3, 3, generator=g), 1)
-    mt = float(make_trainer(nnUNetTrainerMeanTeacher, synthetic3d).consistency_loss(p_s, p_t))
-    dae = float(make_trainer(nnUNetTrainerDAEUncertainty, synthetic3d).consistency_loss(p_s, p_t, p_t, 0.5)[0])
-    dae_sum = float(make_trainer(nnUNetTrainerDAEUncertainty_classSum, synthetic3d).consistency_loss(
+    mt = float(make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans).consistency_loss(p_s, p_t))
+    dae = float(make_trainer(nnUNetTrainerDAEUncertainty, synthetic_plans).consistency_loss(p_s, p_t, p_t, 0.5)[0])
+    dae_sum = float(make_trainer(nnUNetTrainerDAEUncertainty_classSum, synthetic_plans).consistency_loss(
         p_s, p_t, p_t, 0.5)[0])
     assert dae == pytest.approx(mt, rel=1e-6) and dae_sum == pytest.approx(4 * mt, rel=1e-6)
 
 
-def test_uamt_threshold_scale_is_ln2_so_a_50_50_voxel_is_unreliable(synthetic3d):
+def test_uamt_threshold_scale_is_ln2_so_a_50_50_voxel_is_unreliable(synthetic_plans):
     """With C = 4, ln C scaling starts the threshold at 1.04 nats: a voxel split 50/50 between two
     classes (entropy ln 2 = 0.69) would count as reliable. The reference's ln 2 masks it."""
     from nnunet_sud.trainers import nnUNetTrainerUAMT, nnUNetTrainerUAMT_lnC
@@ -328,14 +320,14 @@ def test_uamt_threshold_scale_is_ln2_so_a_50_50_voxel_is_unreliable(synthetic3d)
     p_k[1::2, 0, 3, 0, 0, 1] = 1.0                                # half class 3: mean 50/50, entropy ln 2
     p = torch.full((1, 4, 1, 1, 2), 0.25)
     for t in (0.0, 0.5, 0.9):  # (at t = 1, H = ln 2 itself: the boundary)
-        _, u, mask, _ = make_trainer(nnUNetTrainerUAMT, synthetic3d).consistency_loss(p, p, p_k, t)
+        _, u, mask, _ = make_trainer(nnUNetTrainerUAMT, synthetic_plans).consistency_loss(p, p, p_k, t)
         assert float(u[0, 0, 0, 1]) == pytest.approx(math.log(2), abs=1e-5)
         assert mask.flatten().tolist() == [1.0, 0.0]
-    _, _, mask, _ = make_trainer(nnUNetTrainerUAMT_lnC, synthetic3d).consistency_loss(p, p, p_k, 0.0)
+    _, _, mask, _ = make_trainer(nnUNetTrainerUAMT_lnC, synthetic_plans).consistency_loss(p, p, p_k, 0.0)
     assert mask.flatten().tolist() == [1.0, 1.0]
 
 
-def test_padded_voxels_never_count_in_the_mean_teacher_family(synthetic3d):
+def test_padded_voxels_never_count_in_the_mean_teacher_family(synthetic_plans):
     """Voxels outside the image (batch_u['valid'] False) neither add to a consistency loss nor to its
     normaliser: the loss equals the loss of the image voxels alone, whatever the padding holds."""
     from nnunet_sud.trainers import nnUNetTrainerDAEUncertainty, nnUNetTrainerMeanTeacher, nnUNetTrainerUAMT
@@ -346,17 +338,17 @@ def test_padded_voxels_never_count_in_the_mean_teacher_family(synthetic3d):
     garbage = p_s.clone()
     garbage[..., ~valid[0]] = torch.tensor([1.0, 0.0, 0.0, 0.0])[:, None]
     image = lambda p: p[..., valid[0]][..., None, None, :]                  # noqa: E731  (..., 1, 1, 3)
-    mt = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    mt = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     hand = float(((p_s - p_t) ** 2).mean(1)[valid].mean())
     assert float(mt.consistency_loss(p_s, p_t, valid)) == pytest.approx(hand)
     assert float(mt.consistency_loss(garbage, p_t, valid)) == pytest.approx(hand)
     p_k = p_t.expand(8, *p_t.shape)                                          # agreeing passes: U = H(p_t)
-    uamt = make_trainer(nnUNetTrainerUAMT, synthetic3d)
+    uamt = make_trainer(nnUNetTrainerUAMT, synthetic_plans)
     ref = uamt.consistency_loss(image(p_s), image(p_t), image(p_k), 1.0)
     for x in (p_s, garbage):
         loss, _, mask, _ = uamt.consistency_loss(x, p_t, p_k, 1.0, valid)
         assert float(loss) == pytest.approx(float(ref[0])) and float(mask[~valid].sum()) == 0.0
-    dae = make_trainer(nnUNetTrainerDAEUncertainty, synthetic3d)
+    dae = make_trainer(nnUNetTrainerDAEUncertainty, synthetic_plans)
     p_hat = torch.softmax(torch.randn(1, 4, 1, 2, 3, generator=g), 1)
     ref = dae.consistency_loss(image(p_s), image(p_t), image(p_hat), 0.5)
     for x in (p_s, garbage):
@@ -364,9 +356,9 @@ def test_padded_voxels_never_count_in_the_mean_teacher_family(synthetic3d):
         assert float(loss) == pytest.approx(float(ref[0])) and float(w[~valid].sum()) == 0.0
 
 
-def test_dae_threshold_variant_ignores_uncertain_voxels(synthetic3d):
+def test_dae_threshold_variant_ignores_uncertain_voxels(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerDAEUncertainty_threshold
-    tr = make_trainer(nnUNetTrainerDAEUncertainty_threshold, synthetic3d)
+    tr = make_trainer(nnUNetTrainerDAEUncertainty_threshold, synthetic_plans)
     p_s, p_t, p_hat = _dae_case()                                  # U = 0, 0.18, 1.62; H(0) = 0.7517 * 2
     loss, u, w = tr.consistency_loss(p_s, p_t, p_hat, 0.0)
     assert w.flatten().tolist() == [1.0, 1.0, 0.0]
@@ -385,9 +377,9 @@ def test_dae_threshold_variant_ignores_uncertain_voxels(synthetic3d):
         assert float(u2) == pytest.approx(1.28) and float(w2) == 1.0
 
 
-def test_dae_entropy_variant_uses_the_entropy_of_teacher_and_reconstruction(synthetic3d):
+def test_dae_entropy_variant_uses_the_entropy_of_teacher_and_reconstruction(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerDAEUncertainty_entropy
-    tr = make_trainer(nnUNetTrainerDAEUncertainty_entropy, synthetic3d)
+    tr = make_trainer(nnUNetTrainerDAEUncertainty_entropy, synthetic_plans)
     p_t = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).view(1, 2, 1, 1, 2)
     p_hat = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 1, 2)
     u = tr.uncertainty(p_t, p_hat).flatten()
@@ -404,9 +396,25 @@ def test_consistency_helpers_validate_shapes():
         weighted_consistency(p, p, class_reduction="max")
     with pytest.raises(ValueError, match="weight shape"):
         weighted_consistency(p, p, torch.ones(1, 2, 2, 2))
-    q = torch.softmax(torch.randn(5, 1, 3, 2, 2, 2), 2)
-    assert torch.allclose(mc_entropy(q), entropy(q.mean(0)))
-    assert torch.allclose(dae_uncertainty(q[0], q[1]), ((q[0] - q[1]) ** 2).sum(1))
+
+
+def test_mc_entropy_is_the_entropy_of_the_mean_not_the_mean_entropy_by_hand():
+    """K = 2 passes, 2 classes, 3 voxels: (a) both one-hot on class 0; (b) one-hot on different
+    classes: each pass is certain (entropy 0) but their mean is 50/50, ln 2; (c) (0.8, 0.2) and
+    (0.4, 0.6): mean (0.6, 0.4), -(0.6 ln 0.6 + 0.4 ln 0.4) = 0.673012."""
+    q = torch.tensor([[[1.0, 1.0, 0.8], [0.0, 0.0, 0.2]],
+                      [[1.0, 0.0, 0.4], [0.0, 1.0, 0.6]]]).view(2, 1, 2, 3)  # (K, B, C, voxels)
+    assert mc_entropy(q).flatten().tolist() == pytest.approx([0.0, math.log(2), 0.673012], abs=1e-5)
+    assert entropy(q[0]).flatten().tolist() == pytest.approx([0.0, 0.0, 0.500402], abs=1e-5)
+
+
+def test_dae_uncertainty_is_the_squared_distance_of_the_maps_by_hand():
+    """U = sum_c (p_hat_c - p_t_c)^2: 0 where they agree, 2 (its maximum) for opposite one-hot maps,
+    (0.7 - 0.5)^2 + (0.3 - 0.5)^2 = 0.08 in between; symmetric."""
+    p_hat = torch.tensor([[[1.0, 1.0, 0.7], [0.0, 0.0, 0.3]]]).view(1, 2, 3)
+    p_t = torch.tensor([[[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]]).view(1, 2, 3)
+    assert dae_uncertainty(p_hat, p_t).flatten().tolist() == pytest.approx([0.0, 2.0, 0.08], abs=1e-6)
+    assert torch.equal(dae_uncertainty(p_hat, p_t), dae_uncertainty(p_t, p_hat))
 
 
 # ---------------------------------------------------------------------- errors before training
@@ -423,10 +431,10 @@ def test_missing_denoiser_stops_training_before_anything_is_built(trainer_name, 
     assert tr.network is None and tr.dataloader_train is None
 
 
-def test_uamt_and_dae_refuse_region_based_labels(synthetic3d):
+def test_uamt_and_dae_refuse_region_based_labels(synthetic_plans):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunet_sud.trainers import nnUNetTrainerDAEUncertainty, nnUNetTrainerUAMT
-    pre = synthetic3d["preprocessed"]
+    pre = synthetic_plans["preprocessed"]
     ds = load_json(os.path.join(pre, "dataset.json"))
     ds["labels"] = {"background": 0, "whole": [1, 2, 3], "core": [2, 3]}
     ds["regions_class_order"] = [1, 2]
@@ -447,10 +455,10 @@ def _captured_bottleneck(net, x):
     return seen["skips"][-1], out
 
 
-def test_feature_dropout_drops_whole_bottleneck_channels_in_train_mode_only(synthetic3d):
+def test_feature_dropout_drops_whole_bottleneck_channels_in_train_mode_only(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerMeanTeacher_noDropout
     from nnunet_sud.trainers.teacher import add_feature_dropout
-    tr = make_trainer(nnUNetTrainerMeanTeacher_noDropout, synthetic3d)
+    tr = make_trainer(nnUNetTrainerMeanTeacher_noDropout, synthetic_plans)
     tr.initialize()
     net = tr.plain_network()
     keys = list(net.state_dict())
@@ -485,14 +493,14 @@ def test_feature_dropout_drops_whole_bottleneck_channels_in_train_mode_only(synt
     assert torch.allclose(out_removed[0], clean_out[0], atol=1e-6)  # removed hooks leave the clean network
 
 
-def test_mean_teacher_family_perturbs_student_and_teacher_by_dropout(synthetic3d):
+def test_mean_teacher_family_perturbs_student_and_teacher_by_dropout(synthetic_plans):
     """MT, UA-MT and DAE-MT default to p = 0.5 in student and teacher (the teacher copies the hooks);
     the _noDropout variant and a setting changed after __init__ are honoured; invalid p stops early."""
     from nnunet_sud.trainers import (nnUNetTrainerDAEUncertainty, nnUNetTrainerMeanTeacher,
                                      nnUNetTrainerMeanTeacher_noDropout, nnUNetTrainerUAMT)
     for cls in (nnUNetTrainerMeanTeacher, nnUNetTrainerUAMT, nnUNetTrainerDAEUncertainty):
-        assert make_trainer(cls, synthetic3d).feature_dropout == 0.5, cls.__name__
-    x = torch.randn(2, 1, *make_trainer(nnUNetTrainerMeanTeacher, synthetic3d).configuration_manager.patch_size)
+        assert make_trainer(cls, synthetic_plans).feature_dropout == 0.5, cls.__name__
+    x = torch.randn(2, 1, *make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans).configuration_manager.patch_size)
 
     def two_passes(tr):
         outs = []
@@ -502,28 +510,28 @@ def test_mean_teacher_family_perturbs_student_and_teacher_by_dropout(synthetic3d
                 outs.append((tr.student_logits(x), tr.teacher_logits(x)))
         return outs
 
-    mt = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    mt = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     mt.initialize()
     (s1, t1), (s2, t2) = two_passes(mt)
     assert not torch.allclose(s1, s2) and not torch.allclose(t1, t2)
-    plain = make_trainer(nnUNetTrainerMeanTeacher_noDropout, synthetic3d)
+    plain = make_trainer(nnUNetTrainerMeanTeacher_noDropout, synthetic_plans)
     plain.initialize()
     (s1, t1), (s2, t2) = two_passes(plain)
     assert torch.equal(s1, s2) and torch.equal(t1, t2)
-    late = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    late = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     late.feature_dropout = 0.0  # a user's variant after super().__init__()
     late.initialize()
     (s1, _), (s2, _) = two_passes(late)
     assert torch.equal(s1, s2)
-    bad = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
+    bad = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     bad.feature_dropout = 1.0
     with pytest.raises(UserFacingError, match="feature_dropout"):
         bad.initialize()
 
 
-def test_uamt_logs_mc_spread_and_uncertainty_where_the_teacher_is_wrong(synthetic3d):
+def test_uamt_logs_mc_spread_and_uncertainty_where_the_teacher_is_wrong(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerUAMT
-    tr = make_trainer(nnUNetTrainerUAMT, synthetic3d)
+    tr = make_trainer(nnUNetTrainerUAMT, synthetic_plans)
     tr.unlabeled_cases_with_labels = ["case"]
     # 2 x 3 voxels, 2 classes; teacher argmax per voxel: 1 0 1 / 0 0 1
     p0 = torch.tensor([[[0.2, 0.9, 0.4], [0.6, 0.8, 0.1]]])          # class 0 probability (B=1, Y=2, X=3)

@@ -1,13 +1,13 @@
 """End to end through the real nnU-Net commands, sequentially in one test sharing conftest's tiny
 label denoiser: mean teacher (interrupted, resumed with --c), UA-MT, DAE uncertainty and post-denoise
-train on CPU with short-schedule variants (tests/ext_trainers/mean_teacher_variants.py); a
+train on CPU with short-schedule variants (tests/ext_trainers/tiny_variants.py); a
 post-denoise model folder is composed from the trained mean teacher with ``nnunet-sud
 build-postdenoise`` (the command's ``main``, in process); the model folders predict with plain
 ``nnUNetv2_predict`` (the composed post-denoise folder) and with nnU-Net's predictor in process (the
 others: the command's code path -- trainer looked up by the checkpoint's name through
 nnUNet_extTrainer, network built by it and loaded -- without ~20 s of process start-up per call;
 plain ``nnUNetv2_predict`` of a semi-supervised trainer's folder is covered by
-test_e2e_foundation.py)."""
+test_e2e_semi_supervised_base.py)."""
 import os
 import shutil
 import subprocess
@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import run_cmd
+from helpers import predict_in_process
 
 CFG = "3d_fullres"
 
@@ -40,20 +41,6 @@ def _predict_cli(synthetic3d, trainer, out_dir, env):
         segs.append(sitk.GetArrayFromImage(pred))
         assert set(np.unique(segs[-1])) <= {0, 1, 2, 3}
     return segs
-
-
-def _predict_in_process(synthetic3d, model_base):
-    """nnU-Net's predictor as nnUNetv2_predict sets it up: trainer class looked up by the checkpoint's
-    trainer_name (through nnUNet_extTrainer), network from its build_network_architecture, weights loaded."""
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
-                                allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model_base, (0,), "checkpoint_final.pth")
-    img, props = SimpleITKIO().read_images([os.path.join(synthetic3d["raw"], "imagesTs", "syn_ts_000_0000.nii.gz")])
-    seg = predictor.predict_single_npy_array(img, props)
-    assert seg.shape == img.shape[1:] and set(np.unique(seg)) <= {0, 1, 2, 3}
-    return predictor, seg
 
 
 def _ckpt(base, name="checkpoint_final.pth"):
@@ -108,7 +95,7 @@ def test_mean_teacher_family_trains_resumes_and_predicts(synthetic3d, tiny_denoi
         assert len(dice) == 2 and all(len(d) == 3 for d in dice) and np.isfinite(dice[1]).any(), key
     assert "Target dice teacher" in out
     assert set(mt_final["network_weights"]) == set(student)              # the student only: no teacher inside
-    predictor, _ = _predict_in_process(synthetic3d, mt)
+    predictor, _ = predict_in_process(synthetic3d, mt)
     assert type(predictor.network).__name__ == "PlainConvUNet"
 
     # ---- UA-MT and DAE uncertainty: train, log their terms, predict with the student
@@ -123,7 +110,7 @@ def test_mean_teacher_family_trains_resumes_and_predicts(synthetic3d, tiny_denoi
         side = torch.load(os.path.join(_base(results, name, tr), "fold_0", "checkpoint_final_extra_state.pth"),
                           weights_only=False)
         assert side["ema_step"] == 2
-        predictor, _ = _predict_in_process(synthetic3d, _base(results, name, tr))
+        predictor, _ = predict_in_process(synthetic3d, _base(results, name, tr))
         assert type(predictor.network).__name__ == "PlainConvUNet"
         if "UAMT" in tr:  # feature dropout (0.5 in student and teacher) makes the K teacher passes differ
             assert ck["logging"]["mc_spread"][0] > 1e-4
@@ -136,7 +123,7 @@ def test_mean_teacher_family_trains_resumes_and_predicts(synthetic3d, tiny_denoi
     weights = _ckpt(pd)["network_weights"]
     for k, v in den_weights.items():
         assert torch.equal(weights["denoiser." + k], v), k
-    predictor, _ = _predict_in_process(synthetic3d, pd)
+    predictor, _ = predict_in_process(synthetic3d, pd)
     assert type(predictor.network).__name__ == "SegmenterWithPostDenoiser"
     assert predictor.network.denoises                                   # the predictor ran it in eval, no deep sup.
 
@@ -158,5 +145,5 @@ def test_mean_teacher_family_trains_resumes_and_predicts(synthetic3d, tiny_denoi
     with pytest.raises(UserFacingError, match="exists already. Pass --overwrite"):
         build_postdenoise_model_folder(did, CFG, 0, "nnUNetTrainerMeanTeacher_tiny")
     segs = _predict_cli(synthetic3d, "nnUNetTrainerPostDenoise", tmp_path / "pred_pd", env)
-    _, seg_in_process = _predict_in_process(synthetic3d, built)
+    _, seg_in_process = predict_in_process(synthetic3d, built)
     assert np.array_equal(segs[0], seg_in_process)

@@ -363,12 +363,13 @@ def test_removed_and_replaced_images_are_followed(synthetic3d, capsys):
 
 
 def test_training_refuses_unlabeled_data_that_disagrees_with_imagesUnlabeled(synthetic3d, capsys, tmp_path):
-    from test_e2e_foundation import make_trainer
+    from helpers import make_trainer
+    from nnunet_sud.trainers import nnUNetTrainerUnlabeledStats
 
     raw = os.path.join(synthetic3d["raw"], "imagesUnlabeled")
     out = os.path.join(synthetic3d["preprocessed"], "nnUNetPlans_3d_fullres_unlabeled")
     preprocess_unlabeled(synthetic3d["id"], "3d_fullres", num_processes=1, progress=False)
-    trainer = make_trainer(synthetic3d, "3d_fullres")
+    trainer = make_trainer(nnUNetTrainerUnlabeledStats, synthetic3d, "3d_fullres")
     capsys.readouterr()
     trainer.check_unlabeled_data()
     assert f"unlabeled data: 6 cases in {out}; matches {raw} (6 cases)" in capsys.readouterr().out

@@ -4,6 +4,7 @@ scores/confidences, the gated cross-entropy and eq. 1 by hand, the lambda_u ramp
 discriminator's pairs (random-crop labeled patches, their own predictions as negatives), and one
 real step (pseudo-labels from the weak view, discriminator stepped after the segmenter, kept out of
 the network weights)."""
+import io
 import math
 import os
 
@@ -292,9 +293,20 @@ def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segme
     assert t.discriminator_optimizer.state_dict()["state"][0]["step"] == 1
     # the discriminator is no part of the segmenter (inference = plain segmenter) ...
     assert set(t.network.state_dict()) == set(seg_before) and not any("discrim" in k for k in seg_before)
-    # ... but of the checkpoint's extra state
-    state = t.get_extra_state()
-    assert all(torch.equal(state["discriminator_weights"][k], v) for k, v in t.discriminator.state_dict().items())
+    # ... but of the checkpoint's extra state: saved and loaded into a fresh trainer (another
+    # random discriminator), it restores the stepped discriminator and its Adam moments
+    buf = io.BytesIO()
+    torch.save(t.get_extra_state(), buf)
+    torch.manual_seed(1)
+    fresh = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    fresh.initialize()
+    d_stepped = t.discriminator.state_dict()
+    assert any(not torch.equal(fresh.discriminator.state_dict()[k], v) for k, v in d_stepped.items())
+    fresh.set_extra_state(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    assert all(torch.equal(fresh.discriminator.state_dict()[k], v) for k, v in d_stepped.items())
+    restored, stepped = fresh.discriminator_optimizer.state_dict(), t.discriminator_optimizer.state_dict()
+    assert restored["state"][0]["step"] == 1 and restored["state"].keys() == stepped["state"].keys()
+    assert all(torch.equal(restored["state"][i]["exp_avg"], stepped["state"][i]["exp_avg"]) for i in stepped["state"])
     assert t.labeled_step is None  # cleared after the step
 
 

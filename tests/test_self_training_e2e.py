@@ -1,5 +1,5 @@
 """``nnunet-sud self-train`` end to end on the synthetic task (2d, fold 0, 2 rounds, --denoise) through
-the real nnU-Net commands, with the tiny variants of tests/ext_trainers/selftrain_variants.py. The
+the real nnU-Net commands, with the tiny variants of tests/ext_trainers/tiny_variants.py. The
 denoiser is one with random weights of the planned architecture, named by ``$nnUNet_denoiser`` (its
 quality does not matter here; training one is the same ``nnUNetv2_train`` step as the teacher's).
 

@@ -2,7 +2,6 @@
 paper's (the store itself: test_soft_target_store.py)."""
 import copy
 import math
-import os
 
 import numpy as np
 import pytest
@@ -10,14 +9,7 @@ import torch
 
 from nnunet_sud.targets.store import SoftTargetStore
 from test_soft_target_store import whole_case_batch
-
-
-def make_trainer(synthetic3d, cls, cfg="3d_fullres"):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    pre = synthetic3d["preprocessed"]
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    return cls(plans, cfg, 0, load_json(os.path.join(pre, "dataset.json")), torch.device("cpu"))
+from helpers import make_trainer
 
 
 class ConstantDenoiser(torch.nn.Module):
@@ -37,9 +29,9 @@ def probs(shape, seed):
 
 
 @pytest.fixture
-def sud(synthetic3d, tmp_path):
+def sud(synthetic_plans, tmp_path):
     from nnunet_sud.trainers import nnUNetTrainerSUD
-    t = make_trainer(synthetic3d, nnUNetTrainerSUD)
+    t = make_trainer(nnUNetTrainerSUD, synthetic_plans)
     t.store = SoftTargetStore(str(tmp_path / "store"), 4, dtype=np.float32)
     return t
 
@@ -85,9 +77,9 @@ def test_beta0_is_temporal_ensembling_and_alpha1_beta1_is_the_red_step(sud):
     assert torch.allclose(z3, torch.softmax(L, 1).expand_as(z3), atol=1e-6)  # z = a(f)
 
 
-def test_sud_mean_teacher_target_is_the_denoised_teacher_prediction(synthetic3d):
+def test_sud_mean_teacher_target_is_the_denoised_teacher_prediction(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerSUDMeanTeacher
-    t = make_trainer(synthetic3d, nnUNetTrainerSUDMeanTeacher)
+    t = make_trainer(nnUNetTrainerSUDMeanTeacher, synthetic_plans)
     assert t.beta == pytest.approx(0.05) and t.unlabeled_weight(0.5) == pytest.approx(2.0)
     t.initialize()
     t.teacher.copy_from(t.network)
@@ -143,14 +135,14 @@ def test_loss_is_soft_dice_on_valid_voxels_and_needs_no_gradient_through_z(sud):
     assert soft_dice_loss(z, z, valid) < soft_dice_loss(p.detach(), z, valid)
 
 
-def test_lambda_zero_gives_the_same_update_as_nnunet_trainer(synthetic3d, tmp_path):
+def test_lambda_zero_gives_the_same_update_as_nnunet_trainer(synthetic_plans, tmp_path):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunet_sud.schedules import Constant
     from nnunet_sud.trainers import nnUNetTrainerTE
 
     torch.manual_seed(0)
-    base = make_trainer(synthetic3d, nnUNetTrainer)
-    te = make_trainer(synthetic3d, nnUNetTrainerTE)
+    base = make_trainer(nnUNetTrainer, synthetic_plans)
+    te = make_trainer(nnUNetTrainerTE, synthetic_plans)
     te.store = SoftTargetStore(str(tmp_path / "store"), 4)
     te.unlabeled_weight = Constant(0.0)
     base.initialize()

@@ -1,7 +1,6 @@
 """SUD^2: the decorrelation penalty on constructed latents, the multi-step noise schedule, the
 noise-then-denoise steps (and their reduction to SUD's a(f)), where the penalty applies."""
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,14 +11,7 @@ from nnunet_sud.denoiser.corruption import apply_denoiser, denoiser_input
 from nnunet_sud.losses.decorrelation import decorrelation_penalty, latent_correlation_matrix
 from nnunet_sud.targets.store import SoftTargetStore
 from nnunet_sud.trainers.sud2 import BottleneckUNet, denoising_noise_levels
-
-
-def make_trainer(synthetic3d, cls, cfg="3d_fullres"):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    pre = synthetic3d["preprocessed"]
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    return cls(plans, cfg, 0, load_json(os.path.join(pre, "dataset.json")), torch.device("cpu"))
+from helpers import make_trainer
 
 
 # ---------------------------------------------------------------------- the penalty
@@ -102,9 +94,9 @@ def _probs(shape, seed):
     return torch.softmax(torch.randn(shape, generator=g) * 2, 1)
 
 
-def test_multistep_calls_the_denoiser_once_per_step_with_decreasing_noise(synthetic3d):
+def test_multistep_calls_the_denoiser_once_per_step_with_decreasing_noise(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerSUD2
-    t = make_trainer(synthetic3d, nnUNetTrainerSUD2)
+    t = make_trainer(nnUNetTrainerSUD2, synthetic_plans)
     assert (t.sigma2, t.denoise_steps, t.lambda2, t.decorrelate) == (1.0, 3, 0.1, "segmenter")
     assert t.noise_levels() == [1.0, 0.5, 0.0]
     t.beta = 1.0  # look at R(F(f)) itself
@@ -129,13 +121,13 @@ def test_multistep_calls_the_denoiser_once_per_step_with_decreasing_noise(synthe
     assert torch.allclose(r, prev, atol=1e-6)  # the result is the last step's softmax
 
 
-def test_one_noise_free_step_is_suds_denoiser(synthetic3d):
+def test_one_noise_free_step_is_suds_denoiser(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerSUD, nnUNetTrainerSUD2, nnUNetTrainerSUD2_decorr, \
         nnUNetTrainerSUD_beta1
-    sud, sud2 = make_trainer(synthetic3d, nnUNetTrainerSUD_beta1), make_trainer(synthetic3d, nnUNetTrainerSUD2_decorr)
+    sud, sud2 = make_trainer(nnUNetTrainerSUD_beta1, synthetic_plans), make_trainer(nnUNetTrainerSUD2_decorr, synthetic_plans)
     # SUD^2's target is the denoiser's output itself (eq. 9): beta 1, not SUD's 0.2 / lambda_max
     assert (sud2.sigma2, sud2.denoise_steps) == (0.0, 1) and sud2.beta == sud.beta == 1.0
-    assert make_trainer(synthetic3d, nnUNetTrainerSUD).beta == pytest.approx(0.05)
+    assert make_trainer(nnUNetTrainerSUD, synthetic_plans).beta == pytest.approx(0.05)
     den = RecordingDenoiser(seed=5)
     sud.denoiser = sud2.denoiser = den
     f = _probs((2, 4, 4, 6, 6), 2)
@@ -143,7 +135,7 @@ def test_one_noise_free_step_is_suds_denoiser(synthetic3d):
     assert torch.equal(sud2.diffusion_denoise(f), apply_denoiser(den, f))  # R(F(f)) = a(f)
     assert len(den.inputs) == 4
     # the noisy single step differs from it, and from call to call
-    noisy = make_trainer(synthetic3d, nnUNetTrainerSUD2)
+    noisy = make_trainer(nnUNetTrainerSUD2, synthetic_plans)
     noisy.denoiser, noisy.denoise_steps, noisy.beta = den, 1, 1.0
     assert not torch.allclose(noisy.spatial_denoise(f), noisy.spatial_denoise(f))
     # beta = 0 needs no denoiser at all (TE-like)
@@ -162,12 +154,12 @@ def _unlabeled_batch(patch, seed, keys=("syn_unl_000", "syn_unl_001")):
             "valid": torch.ones((b, *patch), dtype=torch.bool), "case_shapes": torch.tensor([list(patch)] * b)}
 
 
-def test_network_is_nnunets_with_the_bottleneck_exposed(synthetic3d):
+def test_network_is_nnunets_with_the_bottleneck_exposed(synthetic_plans):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunet_sud.trainers import nnUNetTrainerSUD2
-    t = make_trainer(synthetic3d, nnUNetTrainerSUD2)
+    t = make_trainer(nnUNetTrainerSUD2, synthetic_plans)
     t.initialize()
-    base = make_trainer(synthetic3d, nnUNetTrainer)
+    base = make_trainer(nnUNetTrainer, synthetic_plans)
     base.initialize()
     assert isinstance(t.network, BottleneckUNet)
     assert set(t.network.state_dict()) == set(base.network.state_dict())  # checkpoints interchangeable
@@ -184,10 +176,10 @@ def test_network_is_nnunets_with_the_bottleneck_exposed(synthetic3d):
 
 
 @pytest.mark.parametrize("source", ["segmenter", "denoiser"])
-def test_penalty_is_added_with_lambda2_over_lambda_max_and_reaches_the_segmenter(synthetic3d, tmp_path, source):
+def test_penalty_is_added_with_lambda2_over_lambda_max_and_reaches_the_segmenter(synthetic_plans, tmp_path, source):
     from nnunet_sud.denoiser.network import build_label_denoiser
     from nnunet_sud.trainers import nnUNetTrainerSUD2_decorr
-    t = make_trainer(synthetic3d, nnUNetTrainerSUD2_decorr)
+    t = make_trainer(nnUNetTrainerSUD2_decorr, synthetic_plans)
     t.decorrelate = source
     t.initialize()
     t.denoiser = build_label_denoiser(t.plans_manager, t.configuration_manager, 4).eval().requires_grad_(False)

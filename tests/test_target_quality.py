@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_sud import make_trainer
+from helpers import make_trainer
 
 NAN = float("nan")
 
@@ -19,9 +19,9 @@ def _same(a, b):
 
 
 @pytest.fixture
-def mt(synthetic3d):
+def mt(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerMeanTeacher
-    t = make_trainer(synthetic3d, nnUNetTrainerMeanTeacher)
+    t = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     t.unlabeled_cases_with_labels = ["some_case"]  # as get_unlabeled_dataloader finds them
     return t
 
@@ -70,9 +70,9 @@ def test_counts_and_dice_by_hand(mt):
     assert all(math.isnan(v) for v in mt.logger.get_value("target_dice/labels", 1))
 
 
-def test_no_labels_means_no_op(synthetic3d):
+def test_no_labels_means_no_op(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerMeanTeacher
-    t = make_trainer(synthetic3d, nnUNetTrainerMeanTeacher)
+    t = make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans)
     t.record_target_quality(paper_batch(), student=torch.zeros((2, 1, 2, 3), dtype=torch.long))
     t._log_target_quality()
     assert not t._target_maps and not t.logger.local_logger.target_keys()
@@ -155,7 +155,7 @@ def test_labels_never_enter_a_loss(synthetic3d):
     for dataset_class in (nnUNetDatasetBlosc2, WithoutLabels):
         torch.manual_seed(0)
         np.random.seed(0)
-        t = make_trainer(synthetic3d, nnUNetTrainerMeanTeacher)
+        t = make_trainer(nnUNetTrainerMeanTeacher, synthetic3d)
         t.initialize()
         t.teacher.copy_from(t.network)
         dataset = dataset_class(folder, ids)

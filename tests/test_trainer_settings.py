@@ -4,20 +4,12 @@ The trap: a default computed in ``__init__`` from another setting (SUD's lambda(
 and beta = 0.2 / lambda_max, SegMatch's lambda_u) kept the old value when a variant
 changed that setting afterwards; a setting checked only in ``__init__`` was never checked."""
 import math
-import os
 
 import pytest
 import torch
 
 from nnunet_sud.errors import UserFacingError
-
-
-def construct(synthetic3d, cls, cfg="3d_fullres"):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    pre = synthetic3d["preprocessed"]
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-    plans["continue_training"] = False  # nnU-Net 2.8's run_training sets it; its __init__ pops it
-    return cls(plans, cfg, 0, load_json(os.path.join(pre, "dataset.json")), torch.device("cpu"))
+from helpers import make_trainer
 
 
 def late(base, **settings):
@@ -29,43 +21,43 @@ def late(base, **settings):
     return type(base.__name__ + "_late", (base,), {"__init__": __init__})
 
 
-def test_sud_lambda_max_changed_late_moves_the_ramp_and_beta(synthetic3d):
+def test_sud_lambda_max_changed_late_moves_the_ramp_and_beta(synthetic_plans):
     from nnunet_sud.schedules import LinearRamp
     from nnunet_sud.trainers import nnUNetTrainerSUD, nnUNetTrainerSUD_beta0p1, nnUNetTrainerTE
-    t = construct(synthetic3d, late(nnUNetTrainerSUD, lambda_max=8.0))
+    t = make_trainer(late(nnUNetTrainerSUD, lambda_max=8.0), synthetic_plans)
     assert [t.unlabeled_weight(p) for p in (0.0, 0.5, 1.0)] == [0.0, 4.0, 8.0]
     assert t.beta == pytest.approx(0.2 / 8)
     # what was set explicitly stays as set, whatever lambda_max becomes
-    t = construct(synthetic3d, late(nnUNetTrainerSUD_beta0p1, lambda_max=2.0))
+    t = make_trainer(late(nnUNetTrainerSUD_beta0p1, lambda_max=2.0), synthetic_plans)
     assert t.beta == pytest.approx(0.1) and t.unlabeled_weight(1.0) == pytest.approx(2.0)
-    t = construct(synthetic3d, late(nnUNetTrainerSUD, lambda_max=8.0, unlabeled_weight=LinearRamp(1.0, 1.0),
-                                    beta=0.3))
+    t = make_trainer(late(nnUNetTrainerSUD, lambda_max=8.0, unlabeled_weight=LinearRamp(1.0, 1.0),
+                                    beta=0.3), synthetic_plans)
     assert t.unlabeled_weight(0.0) == 1.0 and t.beta == pytest.approx(0.3)
-    t = construct(synthetic3d, late(nnUNetTrainerTE, lambda_max=8.0))
+    t = make_trainer(late(nnUNetTrainerTE, lambda_max=8.0), synthetic_plans)
     assert t.beta == 0.0 and t.unlabeled_weight(0.5) == pytest.approx(4.0)  # TE never uses a denoiser
     # None returns to the derived default
     t.unlabeled_weight = None
     assert t.unlabeled_weight(0.25) == pytest.approx(2.0)
 
 
-def test_sud_mean_teacher_lambda_max_changed_late(synthetic3d):
+def test_sud_mean_teacher_lambda_max_changed_late(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerSUDMeanTeacher
-    t = construct(synthetic3d, late(nnUNetTrainerSUDMeanTeacher, lambda_max=2.0))
+    t = make_trainer(late(nnUNetTrainerSUDMeanTeacher, lambda_max=2.0), synthetic_plans)
     assert t.unlabeled_weight(1.0) == pytest.approx(2.0) and t.beta == pytest.approx(0.1)
 
 
-def test_segmatch_lambda_u_changed_late(synthetic3d):
+def test_segmatch_lambda_u_changed_late(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
-    t = construct(synthetic3d, late(nnUNetTrainerSegMatch, lambda_u=0.25))
+    t = make_trainer(late(nnUNetTrainerSegMatch, lambda_u=0.25), synthetic_plans)
     assert [t.unlabeled_weight(p) for p in (0.25, 0.7)] == [0.25, 0.25]  # the ramp's top follows lambda_u
     assert t.unlabeled_weight(0.0) == pytest.approx(0.25 * math.exp(-5))
-    t = construct(synthetic3d, late(nnUNetTrainerSegMatch, lambda_u=0.25, lambda_u_rampup=0.5))
+    t = make_trainer(late(nnUNetTrainerSegMatch, lambda_u=0.25, lambda_u_rampup=0.5), synthetic_plans)
     assert t.unlabeled_weight(0.25) == pytest.approx(0.25 * math.exp(-1.25)) and t.unlabeled_weight(0.5) == 0.25
 
 
-def test_mean_teacher_decay_changed_late_reaches_the_teacher(synthetic3d):
+def test_mean_teacher_decay_changed_late_reaches_the_teacher(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerMeanTeacher
-    t = construct(synthetic3d, late(nnUNetTrainerMeanTeacher, ema_decay=0.9, ema_warmup=False))
+    t = make_trainer(late(nnUNetTrainerMeanTeacher, ema_decay=0.9, ema_warmup=False), synthetic_plans)
     t.initialize()
     assert (t.teacher.decay, t.teacher.current_decay()) == (0.9, 0.9)
 
@@ -78,9 +70,9 @@ def test_mean_teacher_decay_changed_late_reaches_the_teacher(synthetic3d):
     ("nnUNetTrainerSegMatch", "lambda_u_rampup", -1.0),
     ("nnUNetTrainerSegMatch", "discriminator_negatives", "images"),
 ])
-def test_invalid_setting_set_late_stops_training_before_anything_is_built(synthetic3d, trainer, setting, value):
+def test_invalid_setting_set_late_stops_training_before_anything_is_built(synthetic_plans, trainer, setting, value):
     import nnunet_sud.trainers as T
-    t = construct(synthetic3d, late(getattr(T, trainer), **{setting: value}))
+    t = make_trainer(late(getattr(T, trainer), **{setting: value}), synthetic_plans)
     with pytest.raises(UserFacingError, match=setting):
         t.check_settings()
     # the same check is the first thing training does: nothing is initialised, no loader started

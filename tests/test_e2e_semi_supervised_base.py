@@ -12,6 +12,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import run_cmd
+from helpers import make_trainer
+from nnunet_sud.budget import Budget
+from nnunet_sud.trainers import nnUNetTrainerUnlabeledStats
 
 TRAINER = "nnUNetTrainerUnlabeledStats_tiny"
 
@@ -72,26 +75,12 @@ def test_train_interrupt_resume_predict(synthetic3d, nnunet_dirs, tmp_path):
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
 
 
-def make_trainer(synthetic3d, cfg, plans_edit=None):
-    """In process, as nnunetv2's run_training builds it (it adds 'continue_training' to the plans)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunet_sud.trainers import nnUNetTrainerUnlabeledStats
-
-    pre = synthetic3d["preprocessed"]
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    if plans_edit is not None:
-        plans_edit(plans)
-    return nnUNetTrainerUnlabeledStats(plans, cfg, 0, load_json(os.path.join(pre, "dataset.json")),
-                                       torch.device("cpu"))
-
-
 def test_trainer_refuses_missing_unlabeled_data_before_building_anything(synthetic3d, monkeypatch):
     """The check runs first in on_train_start: no network, no loaders, no workers yet."""
     from nnunet_sud.errors import UserFacingError
 
     pre = synthetic3d["preprocessed"]
-    trainer = make_trainer(synthetic3d, "3d_fullres")
+    trainer = make_trainer(nnUNetTrainerUnlabeledStats, synthetic3d, "3d_fullres")
     monkeypatch.setattr(type(trainer), "preprocessed_unlabeled_folder",
                         property(lambda self: os.path.join(pre, "nowhere_unlabeled")))
     with pytest.raises(UserFacingError, match=r"nowhere_unlabeled is missing or empty.*imagesUnlabeled.*"
@@ -106,15 +95,15 @@ def test_trainer_refuses_stale_unlabeled_data(synthetic3d):
 
     def replan(plans):  # the user re-planned since
         plans["configurations"]["3d_fullres"]["spacing"] = [1.5, 1.5, 1.5]
-    trainer = make_trainer(synthetic3d, "3d_fullres", replan)
+    trainer = make_trainer(nnUNetTrainerUnlabeledStats, synthetic3d, "3d_fullres", plans_edit=replan)
     with pytest.raises(UserFacingError, match="preprocessed with other plans.*Re-run: nnunet-sud preprocess-unlabeled"):
         trainer.on_train_start()
 
 
 def test_2d_configuration_trains_on_the_unlabeled_stream(synthetic3d):
     """In process, 2d: the stream delivers 2d patches with (z, y, x) coordinates, steps run and log."""
-    trainer = make_trainer(synthetic3d, "2d")
-    trainer.num_epochs, trainer.num_iterations_per_epoch = 1, 2
+    trainer = make_trainer(nnUNetTrainerUnlabeledStats, synthetic3d, "2d")
+    Budget(1, 2).apply(trainer)
     trainer.on_train_start()
     try:
         batch_u = next(trainer.dataloader_unlabeled)
@@ -138,7 +127,6 @@ def test_3d_lowres_configuration(synthetic3d):
     and by preprocess-unlabeled, and trained on in process."""
     import json
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunet_sud.trainers import nnUNetTrainerUnlabeledStats
 
     pre = synthetic3d["preprocessed"]
     plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
@@ -155,10 +143,8 @@ def test_3d_lowres_configuration(synthetic3d):
     unl = os.path.join(pre, "nnUNetPlansLowres_3d_lowres_unlabeled")
     assert len([f for f in os.listdir(unl) if f.endswith(".pkl")]) == 6
 
-    plans["continue_training"] = False
-    t = nnUNetTrainerUnlabeledStats(plans, "3d_lowres", 0, load_json(os.path.join(pre, "dataset.json")),
-                                    torch.device("cpu"))
-    t.num_epochs, t.num_iterations_per_epoch = 1, 2
+    t = make_trainer(nnUNetTrainerUnlabeledStats, synthetic3d, "3d_lowres", plans_identifier="nnUNetPlansLowres")
+    Budget(1, 2).apply(t)
     t.on_train_start()
     try:
         b = next(t.dataloader_unlabeled)

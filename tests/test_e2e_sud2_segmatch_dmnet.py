@@ -1,7 +1,9 @@
-"""SUD^2, SegMatch and DMNet end to end through nnUNetv2_train / nnUNetv2_predict on CPU, with the
-tiny schedules of tests/ext_trainers/issue6_variants.py (2 epochs x 3 iterations). DMNet is
-interrupted in epoch 1 and resumed with --c: the discriminator (extra state) and the second
-decoder (network weights) come back as the checkpoint stored them."""
+"""SUD^2, SegMatch and DMNet end to end through nnUNetv2_train on CPU, with the tiny budgets of
+tests/ext_trainers/tiny_variants.py (2 epochs x 3 iterations), each model folder then predicting
+on its own (nnUNet_denoiser unset) through nnU-Net's predictor as nnUNetv2_predict sets it up, in
+process (helpers.predict_in_process). DMNet is interrupted in epoch 1 and resumed with --c: the
+discriminator (extra state) and the second decoder (network weights) come back as the checkpoint
+stored them."""
 import math
 import os
 import shutil
@@ -9,10 +11,10 @@ import subprocess
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from conftest import run_cmd
+from helpers import predict_without_denoiser
 
 
 def _fold(results, dataset, trainer):
@@ -21,20 +23,6 @@ def _fold(results, dataset, trainer):
 
 def _train_cmd(synthetic3d, trainer):
     return ["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"]
-
-
-def _predict_one(synthetic3d, trainer, tmp_path):
-    inp = tmp_path / f"in_{trainer}"
-    inp.mkdir()
-    shutil.copy(os.path.join(synthetic3d["raw"], "imagesTs", "syn_ts_000_0000.nii.gz"), inp)
-    out = tmp_path / f"pred_{trainer}"
-    env = {k: v for k, v in os.environ.items() if k != "nnUNet_denoiser"}  # the model folder must suffice
-    run_cmd(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(synthetic3d["id"]), "-c", "3d_fullres",
-             "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env=env)
-    pred = sitk.ReadImage(str(out / "syn_ts_000.nii.gz"))
-    ref = sitk.ReadImage(os.path.join(synthetic3d["raw"], "labelsTs", "syn_ts_000.nii.gz"))
-    assert pred.GetSize() == ref.GetSize()
-    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}
 
 
 def _load(path):
@@ -46,7 +34,7 @@ def _adam_steps(optimizer_state):
 
 
 @pytest.mark.e2e
-def test_sud2_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path):
+def test_sud2_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path, monkeypatch):
     trainer = "nnUNetTrainerSUD2_tiny"
     fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
     shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
@@ -62,11 +50,11 @@ def test_sud2_train_predict(synthetic3d, tiny_denoiser, nnunet_dirs, tmp_path):
     # the bottleneck wrapper keeps nnU-Net's state-dict keys: an ordinary nnU-Net model folder
     assert all(k.startswith(("encoder.", "decoder.")) for k in ckpt["network_weights"])
     assert not os.path.exists(os.path.join(fold, "soft_targets"))
-    _predict_one(synthetic3d, trainer, tmp_path)
+    predict_without_denoiser(synthetic3d, trainer, monkeypatch)
 
 
 @pytest.mark.e2e
-def test_segmatch_train_predict(synthetic3d, nnunet_dirs, tmp_path):
+def test_segmatch_train_predict(synthetic3d, nnunet_dirs, tmp_path, monkeypatch):
     trainer = "nnUNetTrainerSegMatch_tiny"
     fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], trainer)
     shutil.rmtree(os.path.dirname(fold), ignore_errors=True)
@@ -86,11 +74,11 @@ def test_segmatch_train_predict(synthetic3d, nnunet_dirs, tmp_path):
     extra = _load(os.path.join(fold, "checkpoint_final_extra_state.pth"))
     assert _adam_steps(extra["discriminator_optimizer"]) == {6}
     assert not any("discrim" in k for k in ckpt["network_weights"])
-    _predict_one(synthetic3d, trainer, tmp_path)
+    predict_without_denoiser(synthetic3d, trainer, monkeypatch)
 
 
 @pytest.mark.e2e
-def test_dmnet_interrupt_resume_predict(synthetic3d, nnunet_dirs, tmp_path):
+def test_dmnet_interrupt_resume_predict(synthetic3d, nnunet_dirs, tmp_path, monkeypatch):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunet_sud.trainers import nnUNetTrainerDMNet
 
@@ -137,4 +125,4 @@ def test_dmnet_interrupt_resume_predict(synthetic3d, nnunet_dirs, tmp_path):
     assert all(len(log["target_dice/" + k]) == 2 for k in ("decoder1", "decoder2", "average"))  # across --c
     assert "Target dice average" in out
     assert not os.path.exists(os.path.join(fold, "checkpoint_latest_extra_state.pth"))
-    _predict_one(synthetic3d, trainer, tmp_path)
+    predict_without_denoiser(synthetic3d, trainer, monkeypatch)
