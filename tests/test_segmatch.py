@@ -162,7 +162,7 @@ def test_strong_view_comes_from_the_unlabeled_workers(synthetic3d, monkeypatch):
         def strong_transforms(self):
             return super().strong_transforms()[:1]
 
-    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # split 1 labeled + 1 unlabeled worker
     t = make_trainer(synthetic3d, BrightnessOnly)
     t.initialize()
     stream = t.get_unlabeled_dataloader()
