@@ -170,6 +170,8 @@ class nnUNetTrainerSegMatch(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainer
     strong_ops_per_sample: int = 2
     strong_cutout: bool = True
 
+    #: the losses read batch_u['valid'] only (both views are voxel-aligned): no case coordinates carried
+    unlabeled_coordinates = False
     extra_log_keys = ("pseudo_label_fraction", "discriminator_score", "discriminator_loss",
                       "discriminator_score_truth", "discriminator_score_prediction")
     GATES = ("discriminator", "identity", "mean_confidence", "confidence_map")
