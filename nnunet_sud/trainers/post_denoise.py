@@ -49,8 +49,10 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
+from nnunet_sud.denoiser.data import resolve_dataset_name
 from nnunet_sud.denoiser.loading import find_denoiser_checkpoint, load_denoiser_checkpoint, train_command
 from nnunet_sud.denoiser.network import build_label_denoiser
+from nnunet_sud.denoiser.trainer import narrow_architecture
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.network_helpers import require_exclusive_classes, unwrap_network
 from nnunet_sud.robust_training import atomic_torch_save
@@ -142,7 +144,6 @@ class nnUNetTrainerPostDenoise(LabelDenoiserMixin, nnUNetTrainer):
         ``nnUNetTrainerLabelDenoiser`` narrows it by default (``narrow_architecture``)."""
         import copy
         from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
-        from nnunet_sud.denoiser.trainer import narrow_architecture
         segmenter = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                              num_output_channels, enable_deep_supervision)
         denoiser_configuration = copy.deepcopy(configuration_manager.configuration)
@@ -188,7 +189,6 @@ def build_postdenoise_model_folder(dataset_name_or_id: Union[int, str], configur
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_sud.denoiser.data import resolve_dataset_name
 
     if results_folder is None:
         from nnunetv2.paths import nnUNet_results as results_folder
