@@ -3,6 +3,7 @@
 is found through nnUNet_extTrainer, trains on CPU, is interrupted, resumes with --c, and its
 model folder predicts with plain nnUNetv2_predict."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ def _fold(results, dataset, trainer, cfg="3d_fullres"):
 @pytest.mark.e2e
 def test_train_interrupt_resume_predict(synthetic3d, nnunet_dirs, tmp_path):
     fold = _fold(nnunet_dirs["nnUNet_results"], synthetic3d["name"], TRAINER)
+    shutil.rmtree(fold, ignore_errors=True)  # a kept test cache (NNUNET_SUD_TEST_CACHE) holds the last run's final checkpoint
     train = ["nnUNetv2_train", str(synthetic3d["id"]), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"]
 
     # 1) a run that dies after epoch 0 (checkpoint_latest written, no checkpoint_final)
