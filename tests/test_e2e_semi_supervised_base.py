@@ -102,8 +102,9 @@ def test_trainer_refuses_stale_unlabeled_data(synthetic3d):
         trainer.on_train_start()
 
 
-def test_2d_configuration_trains_on_the_unlabeled_stream(synthetic3d):
+def test_2d_configuration_trains_on_the_unlabeled_stream(synthetic3d, monkeypatch):
     """In process, 2d: the stream delivers 2d patches with (z, y, x) coordinates, steps run and log."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # one worker per stream (unlabeled/workers.py)
     trainer = make_trainer(nnUNetTrainerUnlabeledStats, synthetic3d, "2d")
     Budget(1, 2).apply(trainer)
     trainer.on_train_start()
@@ -123,7 +124,7 @@ def test_2d_configuration_trains_on_the_unlabeled_stream(synthetic3d):
             dl._finish()
 
 
-def test_3d_lowres_configuration(synthetic3d):
+def test_3d_lowres_configuration(synthetic3d, monkeypatch):
     """3d_lowres: a lower-resolution configuration with its own data identifier (nnU-Net plans it
     only for large images, so it is added to a copy of the plans here), preprocessed by nnU-Net
     and by preprocess-unlabeled, and trained on in process."""
@@ -145,6 +146,7 @@ def test_3d_lowres_configuration(synthetic3d):
     unl = os.path.join(pre, "nnUNetPlansLowres_3d_lowres_unlabeled")
     assert len([f for f in os.listdir(unl) if f.endswith(".pkl")]) == 6
 
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # one worker per stream (unlabeled/workers.py)
     t = make_trainer(nnUNetTrainerUnlabeledStats, synthetic3d, "3d_lowres", plans_identifier="nnUNetPlansLowres")
     Budget(1, 2).apply(t)
     t.on_train_start()
