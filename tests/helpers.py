@@ -30,15 +30,18 @@ def load_plans(dataset: dict, plans_identifier: str = "nnUNetPlans"):
 
 
 def make_trainer(cls, dataset: dict, configuration: str = "3d_fullres", fold=0, plans_edit=None,
-                 device: str = "cpu", initialize: bool = False, plans_identifier: str = "nnUNetPlans"):
+                 device: str = "cpu", initialize: bool = False, plans_identifier: str = "nnUNetPlans",
+                 dataset_edit=None):
     """``cls(plans, configuration, fold, dataset_json, device)`` as nnunetv2's ``run_training`` builds
     it (2.8 adds ``continue_training`` to the plans; the trainer's ``__init__`` pops it).
-    ``plans_edit(plans)`` changes the plans first; ``initialize`` runs ``trainer.initialize()``
+    ``plans_edit(plans)`` and ``dataset_edit(dataset_json)`` change them first; ``initialize`` runs ``trainer.initialize()``
     (network, optimizer, loss: no data is read)."""
     plans, dataset_json = load_plans(dataset, plans_identifier)
     plans["continue_training"] = False
     if plans_edit is not None:
         plans_edit(plans)
+    if dataset_edit is not None:
+        dataset_edit(dataset_json)
     trainer = cls(plans, configuration, fold, dataset_json, torch.device(device))
     if initialize:
         trainer.initialize()

@@ -12,6 +12,7 @@ from nnunet_sud.losses.agreement import dice_difference_loss, sharpen
 from nnunet_sud.trainers.discriminator import ConvDiscriminator, plan_strides
 from nnunet_sud.trainers.dmnet import DecoderOutputs, DualDecoderUNet, InterpolationUNetDecoder
 from helpers import make_trainer
+from nnunet_sud.errors import UserFacingError
 
 
 # ---------------------------------------------------------------------- losses by hand
@@ -191,3 +192,13 @@ def test_step_losses_and_discriminator_update(synthetic_plans):
     # without the adversarial part there is no discriminator (nor its checkpoint state) at all
     n = make_trainer(nnUNetTrainerDMNet_noAdv, synthetic_plans)
     assert not n.needs_discriminator() and n.get_extra_state() == {} and n.extra_log_keys == ("dice_difference",)
+
+
+def test_region_based_labels_are_refused_before_training(synthetic_plans):
+    """The Dice difference of two softmax decoders needs mutually exclusive classes: a dataset.json with
+    regions stops DMNet in its constructor, naming the trainer."""
+    from nnunet_sud.trainers import nnUNetTrainerDMNet
+    regions = {"background": 0, "whole": [1, 2, 3], "core": [2, 3]}
+    with pytest.raises(UserFacingError, match=r"nnUNetTrainerDMNet needs mutually exclusive classes .*region-based"):
+        make_trainer(nnUNetTrainerDMNet, synthetic_plans, dataset_edit=lambda ds: ds.update(
+            labels=regions, regions_class_order=[1, 2]))

@@ -264,7 +264,7 @@ def test_uamt_passes_are_batched_in_pass_major_order(synthetic_plans):
     assert all(torch.allclose(p_k[k], ref, atol=1e-6) for k in range(8))
 
 
-# ---------------------------------------------------------------------- DAE uncertainty (seed 001)
+# ------------------------------------------- DAE uncertainty (Adiga Vasudeva, Dolz, Lombaert, MICCAI 2022)
 def _dae_case():
     """C = 2, three voxels: teacher and DAE agree / mildly / strongly disagree."""
     p_t = torch.tensor([[0.9, 0.8, 0.9], [0.1, 0.2, 0.1]]).view(1, 2, 1, 1, 3)
@@ -296,7 +296,7 @@ def test_dae_weights_are_exp_of_minus_kappa_u_and_loss_is_their_weighted_mean(sy
 
 
 def test_dae_consistency_has_mean_teachers_weight_and_the_class_sum_is_a_variant(synthetic_plans):
-    """Equal lambda, equal weight (seed 001 compares at equal lambda): with U = 0 (weights 1) DAE-MT's
+    """Equal lambda, equal weight (the DAE-uncertainty paper compares at equal lambda): with U = 0 (weights 1) DAE-MT's
     consistency is MT's; the paper's sum over classes is C times it."""
     from nnunet_sud.trainers import (nnUNetTrainerDAEUncertainty, nnUNetTrainerDAEUncertainty_classSum,
                                      nnUNetTrainerMeanTeacher)
@@ -432,17 +432,12 @@ def test_missing_denoiser_stops_training_before_anything_is_built(trainer_name, 
 
 
 def test_uamt_and_dae_refuse_region_based_labels(synthetic_plans):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunet_sud.trainers import nnUNetTrainerDAEUncertainty, nnUNetTrainerUAMT
-    pre = synthetic_plans["preprocessed"]
-    ds = load_json(os.path.join(pre, "dataset.json"))
-    ds["labels"] = {"background": 0, "whole": [1, 2, 3], "core": [2, 3]}
-    ds["regions_class_order"] = [1, 2]
+    regions = {"background": 0, "whole": [1, 2, 3], "core": [2, 3]}
     for cls in (nnUNetTrainerUAMT, nnUNetTrainerDAEUncertainty):
-        with pytest.raises(UserFacingError, match="region-based"):
-            plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-            plans["continue_training"] = False
-            cls(plans, "3d_fullres", 0, ds, torch.device("cpu"))
+        with pytest.raises(UserFacingError, match=f"{cls.__name__} needs mutually exclusive classes .*region-based"):
+            make_trainer(cls, synthetic_plans, dataset_edit=lambda ds: ds.update(labels=regions,
+                                                                                 regions_class_order=[1, 2]))
 
 
 # ---------------------------------------------------------------------- feature dropout (UA-MT's V-Net)

@@ -6,13 +6,13 @@ real step (pseudo-labels from the weak view, discriminator stepped after the seg
 the network weights)."""
 import io
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
 
+from helpers import make_trainer
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.adversarial import segmatch_discriminator_loss
 from nnunet_sud.losses.pseudo_labels import (confidence_map_gate, gated_cross_entropy, identity_gate,
@@ -20,12 +20,6 @@ from nnunet_sud.losses.pseudo_labels import (confidence_map_gate, gated_cross_en
 from nnunet_sud.trainers.segmatch import STRONG_VIEW_KEY, RandAugmentTransform, StrongViewTransform
 
 
-def make_trainer(synthetic3d, cls, cfg="3d_fullres"):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    pre = synthetic3d["preprocessed"]
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    return cls(plans, cfg, 0, load_json(os.path.join(pre, "dataset.json")), torch.device("cpu"))
 
 
 def coordinate_image(shape=(6, 8, 10), batch=2):
@@ -61,7 +55,7 @@ def strong_of(transform, x):
 @pytest.mark.parametrize("op", ["brightness", "contrast", "gamma"])
 def test_pointwise_ops_keep_every_voxel_at_its_own_coordinates(synthetic3d, op):
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic3d)
     x = coordinate_image()
     for b in range(2):
         torch.manual_seed(b)
@@ -80,7 +74,7 @@ def test_filters_do_not_shift_the_image(synthetic3d, op):
     """A symmetric filter returns a linear ramp unchanged away from the borders; a shift of one
     voxel along any axis would change it by at least one ramp step (0.3)."""
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic3d)
     x = coordinate_image((30, 32, 34), 1)
     ramp = (0.3 * x[:, 0] * 29 + 0.5 * x[:, 1] * 31 + 0.7 * x[:, 2] * 33)[:, None] / 2  # steps 0.3, 0.5, 0.7
     for seed in range(3):
@@ -100,7 +94,7 @@ def test_filters_do_not_shift_the_image(synthetic3d, op):
 
 def test_noise_is_additive_and_cutout_fills_a_box_only(synthetic3d):
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic3d)
     x = torch.randn(1, 24, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     d = strong_of(strong_op(t, "noise"), x)[1] - x
@@ -163,7 +157,7 @@ def test_strong_view_comes_from_the_unlabeled_workers(synthetic3d, monkeypatch):
             return super().strong_transforms()[:1]
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # split 1 labeled + 1 unlabeled worker
-    t = make_trainer(synthetic3d, BrightnessOnly)
+    t = make_trainer(BrightnessOnly, synthetic3d)
     t.initialize()
     stream = t.get_unlabeled_dataloader()
     try:
@@ -210,11 +204,11 @@ def test_gates_on_constructed_scores_and_confidences(synthetic3d):
     expect = {nnUNetTrainerSegMatch: torch.tensor([0., 1.]), nnUNetTrainerSegMatch_identity: torch.tensor([1., 1.]),
               nnUNetTrainerSegMatch_meanConfidence: torch.tensor([1., 0.])}
     for cls, per_sample in expect.items():
-        m = make_trainer(synthetic3d, cls).gate(probs, valid, scores if cls is nnUNetTrainerSegMatch else None)
+        m = make_trainer(cls, synthetic3d).gate(probs, valid, scores if cls is nnUNetTrainerSegMatch else None)
         assert torch.equal(m, per_sample[:, None, None].expand(2, 2, 4)), cls.__name__
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch_confidenceMap)
+    t = make_trainer(nnUNetTrainerSegMatch_confidenceMap, synthetic3d)
     assert t.tau == 0.95 and torch.equal(t.gate(probs, valid, None), cmap)
-    assert make_trainer(synthetic3d, nnUNetTrainerSegMatch).tau == 0.5
+    assert make_trainer(nnUNetTrainerSegMatch, synthetic3d).tau == 0.5
 
 
 def test_gated_cross_entropy_and_discriminator_loss_by_hand():
@@ -258,7 +252,7 @@ def _batches(t, seed):
 def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segmenter(synthetic3d):
     from nnunet_sud.trainers import nnUNetTrainerSegMatch, nnUNetTrainerSegMatch_identity
     # identity gating: L_u = mean CE(M(strong), argmax M(weak)), by hand with a known strong view
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch_identity)
+    t = make_trainer(nnUNetTrainerSegMatch_identity, synthetic3d)
     t.initialize()
     assert t.discriminator is None and t.get_extra_state() == {}
     labeled, u = _batches(t, 0)
@@ -270,7 +264,7 @@ def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segme
 
     # discriminator gating: one full train_step
     torch.manual_seed(0)
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic3d)
     t.initialize()
     labeled, u = _batches(t, 1)
     t.dataloader_unlabeled = iter([u])
@@ -298,7 +292,7 @@ def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segme
     buf = io.BytesIO()
     torch.save(t.get_extra_state(), buf)
     torch.manual_seed(1)
-    fresh = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    fresh = make_trainer(nnUNetTrainerSegMatch, synthetic3d)
     fresh.initialize()
     d_stepped = t.discriminator.state_dict()
     assert any(not torch.equal(fresh.discriminator.state_dict()[k], v) for k, v in d_stepped.items())
@@ -314,7 +308,7 @@ def test_step_pseudo_labels_from_the_weak_view_and_discriminator_after_the_segme
 def test_lambda_u_ramps_up_by_lambda_u_rampup(synthetic3d):
     from nnunet_sud.schedules import Constant
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic3d)
     assert (t.lambda_u, t.lambda_u_rampup) == (1.0, 0.25)
     # lambda_u exp(-5 (1 - t / 0.25)^2): 0.0067 at the start, exp(-1.25) half way, 1 from 0.25 on
     assert t.unlabeled_weight(0.0) == pytest.approx(math.exp(-5))
@@ -350,7 +344,7 @@ def test_discriminator_pairs_random_crop_labeled_patches_and_their_own_predictio
     the truth pairs -> 1 and the chosen negatives -> 0, by hand from D's logits (2d: fast)."""
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
     torch.manual_seed(0)
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch, "2d")
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic3d, "2d")
     t.initialize()
     t.network.eval()  # the spied forward and the recomputed one agree exactly
     labeled, u = _batches(t, 3)
@@ -393,7 +387,7 @@ def test_no_random_crop_in_the_labeled_share_still_steps_the_discriminator(synth
     """Under DDP nnU-Net may give a process only oversampled patches (its oversample 1.0): no labeled
     pairs, L_D = 0, and the discriminator still takes its (collective) step with zero gradients."""
     from nnunet_sud.trainers import nnUNetTrainerSegMatch
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch, "2d")
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic3d, "2d")
     t.initialize()
     t.oversample_foreground_percent = 1.0
     labeled, u = _batches(t, 4)
@@ -413,11 +407,22 @@ def test_no_random_crop_in_the_labeled_share_still_steps_the_discriminator(synth
 ])
 def test_settings_that_break_the_method_are_refused(synthetic3d, setting, value, match):
     from nnunet_sud.trainers import nnUNetTrainerSegMatch, nnUNetTrainerSegMatch_identity
-    t = make_trainer(synthetic3d, nnUNetTrainerSegMatch)
+    t = make_trainer(nnUNetTrainerSegMatch, synthetic3d)
     setattr(t, setting, value)
     with pytest.raises(UserFacingError, match=match):
         t.check_settings()
     if setting in ("probabilistic_oversampling", "oversample_foreground_percent", "discriminator_negatives"):
-        t = make_trainer(synthetic3d, nnUNetTrainerSegMatch_identity)  # no discriminator: no constraint
+        t = make_trainer(nnUNetTrainerSegMatch_identity, synthetic3d)  # no discriminator: no constraint
         setattr(t, setting, value)
         t.check_settings()
+
+
+def test_region_based_labels_are_refused_before_training(synthetic_plans):
+    """Argmax pseudo-labels need mutually exclusive classes: a dataset.json with regions stops SegMatch
+    in its constructor, naming the trainer and the regions."""
+    from nnunet_sud.trainers import nnUNetTrainerSegMatch
+    regions = {"background": 0, "whole": [1, 2, 3], "core": [2, 3]}
+    with pytest.raises(UserFacingError, match=r"nnUNetTrainerSegMatch needs mutually exclusive classes .*"
+                                              r"region-based labels .*\[\(1, 2, 3\), \(2, 3\)\]"):
+        make_trainer(nnUNetTrainerSegMatch, synthetic_plans, dataset_edit=lambda ds: ds.update(
+            labels=regions, regions_class_order=[1, 2]))

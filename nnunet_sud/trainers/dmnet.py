@@ -2,7 +2,7 @@
 data and an FCN discriminator, as an nnU-Net trainer.
 
 Fang & Li, "DMNet: Difference Minimization Network for Semi-supervised Segmentation in Medical
-Images" (seed 004), §3. Per step, with a labeled batch (X, Y) and an unlabeled batch U:
+Images" (MICCAI 2020), §3. Per step, with a labeled batch (X, Y) and an unlabeled batch U:
 
     Y1, Y2 = softmax of decoder 1 / decoder 2 (shared encoder)
     L_dice = sum_i L_seg(Y_i(X), Y)                                   §3.1 (per decoder)
@@ -69,7 +69,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.adversarial import dmnet_adversarial_loss, dmnet_discriminator_loss
 from nnunet_sud.losses.agreement import dice_difference_loss, sharpen
-from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot
+from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot, require_exclusive_classes
 from nnunet_sud.schedules import Constant
 from nnunet_sud.trainers.discriminator import ConvDiscriminator, DiscriminatorMixin, plan_strides
 from nnunet_sud.trainers.labeled_batch import LabeledBatchMixin
@@ -279,9 +279,7 @@ class nnUNetTrainerDMNet(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainerSem
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.label_manager.has_regions:
-            raise UserFacingError(f"{type(self).__name__} needs mutually exclusive classes (softmax masks), but this "
-                                  f"dataset.json defines region-based labels. Use plain integer labels.")
+        require_exclusive_classes(self.label_manager, type(self).__name__)
         self.unlabeled_weight = Constant(1.0)  # the lambdas are inside L_unl
 
     @staticmethod

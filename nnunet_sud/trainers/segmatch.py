@@ -1,6 +1,6 @@
 """SegMatch: weak/strong consistency with discriminator-gated pseudo-labels, as an nnU-Net trainer.
 
-Motaghi et al., "SegMatch: Semi-supervised semantic segmentation" (seed 003), §3, Algorithm 1.
+Motaghi et al., "SegMatch: Semi-supervised semantic segmentation", §3, Algorithm 1.
 Per step, with a labeled batch (x_l, y_l) and an unlabeled batch x_u:
 
     L_s   = nnU-Net's loss on (x_l, y_l)                                     (line 4)
@@ -92,7 +92,7 @@ from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.adversarial import segmatch_discriminator_loss
 from nnunet_sud.losses.pseudo_labels import (confidence_map_gate, gated_cross_entropy, identity_gate,
                                              mean_confidence_gate, score_gate)
-from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot
+from nnunet_sud.network_helpers import full_resolution, labels_to_one_hot, require_exclusive_classes
 from nnunet_sud.schedules import GaussianRampUp
 from nnunet_sud.trainers.discriminator import ConvDiscriminator, DiscriminatorMixin, plan_strides
 from nnunet_sud.trainers.distributed import union_mean_weights
@@ -181,9 +181,7 @@ class nnUNetTrainerSegMatch(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainer
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.check_settings()
-        if self.label_manager.has_regions:
-            raise UserFacingError(f"{type(self).__name__} needs mutually exclusive classes (argmax pseudo-labels), "
-                                  f"but this dataset.json defines region-based labels. Use plain integer labels.")
+        require_exclusive_classes(self.label_manager, type(self).__name__)
         self.unlabeled_weight = None  # the lambda_u ramp, derived when read
 
     def check_settings(self):
