@@ -30,7 +30,7 @@ channels have the layout and meaning of the interpolated ones, so MirrorTransfor
 transform treat them as before, and ``split_coordinates``/``VALID_THRESHOLD`` read both paths.
 Compared on the same draws (tests/test_exact_coordinates.py: rotation, scaling, elastic
 deformation, mirroring, 2d, pseudo-2d, patches at the case border with padding): identical
-``data``/``seg``/``valid``, coordinates within 1.2e-5 voxels of the interpolated ones on valid voxels
+``data``/``seg``/``valid``, coordinates within 1.5e-5 voxels of the interpolated ones on valid voxels
 (float rounding of the interpolation). They differ only on invalid voxels near the loader's box
 edge, which nothing reads: there the exact coordinates are the sampling position, the interpolated
 ones a mean over the in-box neighbours.
@@ -161,7 +161,8 @@ def _range(p: torch.Tensor) -> Tuple[float, float]:
     return float(lo), float(hi)
 
 
-def channels_at_positions(box: CaseBox, positions: Sequence[torch.Tensor], patch_shape: Sequence[int]) -> torch.Tensor:
+def channels_at_positions(box: CaseBox, positions: Sequence[torch.Tensor], patch_shape: Sequence[int],
+                          ranges: Optional[Sequence[Tuple[float, float]]] = None) -> torch.Tensor:
     """The augmented coordinate channels of ``coordinates.py`` (the same layout and meaning as the
     interpolated ones) from the positions at which the patch sampled the loader's box.
 
@@ -172,35 +173,44 @@ def channels_at_positions(box: CaseBox, positions: Sequence[torch.Tensor], patch
     inside_case (``box.coordinates``), else [inside_case]. in_box and inside_case are the
     linear-interpolation weight on box and case voxels: per axis ``interpolation_share``, and their
     product over the axes, which is what interpolating the indicator of a box (separable) gives.
+    ``ranges``: (min, max) of each of ``positions`` where known (else computed).
     """
     n_lead = len(box.lbs) - len(positions)
     sizes = [hi - lo for lo, hi in zip(box.lbs, box.ubs)]
     lead, k = sizes[:n_lead], len(patch_shape)
     in_box, inside = 1.0, 1.0
-    for d, p in zip(range(n_lead, len(sizes)), positions):
-        lo, size, p_range = box.lbs[d], box.case_shape[d], _range(p)
+    for i, (d, p) in enumerate(zip(range(n_lead, len(sizes)), positions)):
+        lo, size, p_range = box.lbs[d], box.case_shape[d], ranges[i] if ranges is not None else _range(p)
         in_box = in_box * interpolation_share(p, 0, sizes[d] - 1, p_range)
         inside = inside * interpolation_share(p, max(0, -lo), min(sizes[d], size - lo) - 1, p_range)
-    # leading axes: voxel for voxel, inside the case or not
-    lead_inside = torch.ones(lead + [1] * k)
-    lead_coords = []
+    # leading axes: voxel for voxel, inside the case or not (python numbers for the one slice of 2d)
+    lead_inside, lead_coords = 1.0, []
     for d in range(n_lead):
-        z = torch.arange(box.lbs[d], box.ubs[d], dtype=torch.float32)
-        view = [1] * (n_lead + k)
-        view[d] = -1
-        lead_inside = lead_inside * ((z >= 0) & (z <= box.case_shape[d] - 1)).float().view(view)
-        lead_coords.append(z.view(view))
-    def times(channel, weight):  # in place; a weight of 1.0 (python: all inside) costs nothing
-        return channel if isinstance(weight, float) and weight == 1.0 else channel.mul_(weight)
+        if sizes[d] == 1:
+            z = float(box.lbs[d])
+            lead_inside = lead_inside * float(0 <= z <= box.case_shape[d] - 1)
+        else:
+            view = [1] * (n_lead + k)
+            view[d] = -1
+            z = torch.arange(box.lbs[d], box.ubs[d], dtype=torch.float32).view(view)
+            lead_inside = lead_inside * ((z >= 0) & (z <= box.case_shape[d] - 1)).float()
+        lead_coords.append(z)
+
+    def put(channel, value, weight, offset=0):  # channel = (value + offset) * weight, in place
+        channel.fill_(value + offset) if isinstance(value, float) else channel.copy_(value)
+        if offset and not isinstance(value, float):
+            channel.add_(offset)
+        if not isinstance(weight, float):  # a python weight is 1.0 (interpolation_share)
+            channel.mul_(weight)
 
     out = torch.empty((box.channels, *lead, *patch_shape), dtype=torch.float32)
-    times(out[-1].copy_(lead_inside), inside)
+    put(out[-1], lead_inside, inside)
     if box.coordinates:
         for d, z in enumerate(lead_coords):
-            times(out[d].copy_(z), in_box)
+            put(out[d], z, in_box)
         for d, p in zip(range(n_lead, len(sizes)), positions):
-            times(out[d].copy_(p).add_(box.lbs[d]), in_box)
-        times(out[len(sizes)].fill_(1.0), in_box)
+            put(out[d], p, in_box, box.lbs[d])
+        put(out[len(sizes)], 1.0, in_box)
     return out
 
 
@@ -239,22 +249,24 @@ class ExactCoordinateSpatialTransform(SpatialTransform):
                                f"the loader's box {sizes} ({box.channels} channels)")
         data_dict = super().apply(data_dict, **params)
         patch = tuple(int(i) for i in self.patch_size)
-        out = channels_at_positions(box, self.sampled_positions(spatial, **params), patch)
+        positions, ranges = self.sampled_positions(spatial, **params)
+        out = channels_at_positions(box, positions, patch, ranges)
         data_dict["regression_target"] = out.reshape(stacked, *patch)
         return data_dict
 
-    def sampled_positions(self, input_shape: Sequence[int], **params) -> List[torch.Tensor]:
-        """Per axis of the input, the input voxel positions at which the patch was sampled
-        (broadcastable to the patch shape)."""
+    def sampled_positions(self, input_shape: Sequence[int], **params):
+        """(per axis of the input, the input voxel positions at which the patch was sampled,
+        broadcastable to the patch shape; their (min, max) per axis where known without a pass, else None)."""
         k = len(input_shape)
         if params["grid"] is None:  # the crop path of SpatialTransform._apply_to_image (crop_tensor)
-            out = []
+            out, ranges = [], []
             for d, (c, size) in enumerate(zip(params["center_location_in_pixels"], self.patch_size)):
                 view = [1] * k
                 view[d] = -1
                 start = math.floor(c) - int(size) // 2
                 out.append(torch.arange(start, start + int(size), dtype=torch.float32).view(view))
-            return out
+                ranges.append((float(start), float(start + int(size) - 1)))
+            return out, ranges
         grid = params["grid"]  # (*patch, k), last axis (x, y[, z]) in [-1, 1]
         out = []
         for d, size in enumerate(input_shape):
@@ -263,7 +275,7 @@ class ExactCoordinateSpatialTransform(SpatialTransform):
                 out.append((g + 1) * ((size - 1) / 2))
             else:
                 out.append(g * (size / 2) + (size - 1) / 2)
-        return out
+        return out, None
 
 
 def _leaves(transform, path=()):
