@@ -6,10 +6,14 @@ Two questions of issue 17 ("the unlabeled stream must not starve a GPU"), with i
    cropping, the trainer's real training transforms), measured in this process -- exactly what one
    augmentation worker does per batch -- for:
      * ``labeled``: nnU-Net's labeled stream (``nnUNetTrainer.get_dataloaders``);
-     * ``unlabeled``: our unlabeled stream as every trainer gets it (case coordinates carried as
-       ``regression_target`` channels, ``nnunet_sud.unlabeled.coordinates``);
+     * ``unlabeled``: our unlabeled stream as every trainer gets it (case coordinates computed
+       exactly from the SpatialTransform's sampling positions, ``nnunet_sud.unlabeled.coordinates``);
      * ``unlabeled, valid only``: the same with only the inside-the-case channel
        (``UnlabeledDataLoader.carry_coordinates = False``: no ``coords``, the same ``valid``);
+     * ``unlabeled, interpolated coordinates`` and ``unlabeled, valid only, interpolated``: the
+       same two with the channels interpolated through the augmentation instead
+       (``UnlabeledDataLoader.exact_coordinates = False``: the path a pipeline the exact step
+       does not know takes; the same batches);
      * ``unlabeled, no extra channels``: no ``regression_target`` at all (not a usable stream:
        ``valid`` is all True; the floor of what the unlabeled stream can cost);
      * ``unlabeled, <Trainer>``: one row per measured trainer whose unlabeled stream differs from
@@ -136,12 +140,14 @@ def stream_signature(cls):
     return (cls.get_unlabeled_transforms, cls.get_unlabeled_dataloader, getattr(cls, "unlabeled_coordinates", True))
 
 
-def stream_variant(loader, coordinates: str):
+def stream_variant(loader, coordinates: str, exact: bool = True):
     """A copy of an unlabeled loader carrying ``coordinates``: 'all' (5 channels), 'valid' (the
-    inside-the-case channel) or 'none' (no regression_target; valid all True)."""
+    inside-the-case channel) or 'none' (no regression_target; valid all True); computed exactly
+    or (``exact`` False) interpolated through the augmentation."""
     import copy
     import torch
     v = copy.copy(loader)
+    v.exact_coordinates = exact and coordinates != "none"
     if coordinates == "valid":
         v.carry_coordinates = False
     elif coordinates == "none":
@@ -180,6 +186,8 @@ def worker_streams(plans_file, dataset_json, configuration, trainer_names) -> di
     streams = {"labeled (nnUNetTrainer)": labeled.generate_train_batch,
                "unlabeled": unlabeled.generate_train_batch,
                "unlabeled, valid only": stream_variant(unlabeled, "valid").generate_train_batch,
+               "unlabeled, interpolated coordinates": stream_variant(unlabeled, "all", False).generate_train_batch,
+               "unlabeled, valid only, interpolated": stream_variant(unlabeled, "valid", False).generate_train_batch,
                "unlabeled, no extra channels": stream_variant(unlabeled, "none").generate_train_batch}
     loaders = {stream_signature(nnUNetTrainerSemiSupervised): unlabeled}
     for name in trainer_names:
@@ -471,7 +479,6 @@ def main(argv=None) -> int:
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
 
-    os.environ["nnUNet_n_proc_DA"] = "0"  # every loader in this process: item 1 times the loaders themselves
     os.environ.setdefault("nnUNet_compile", "false")
     t0 = time.perf_counter()
     if args.only == "store":
@@ -490,6 +497,9 @@ def main(argv=None) -> int:
     else:
         scratch = _common.scratch_results(prefix="data_pipeline_results_")
         runs = [(args.dataset, args.configuration, f"dataset {args.dataset}")]
+    # every loader in this process: item 1 times the loaders themselves (set after the data sets are
+    # planned: nnU-Net's planner sets torch's threads to get_allowed_n_proc_DA(), which must not be 0)
+    os.environ["nnUNet_n_proc_DA"] = "0"
     import torch
     torch.set_num_threads(args.threads)
     try:

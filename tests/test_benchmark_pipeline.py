@@ -38,6 +38,7 @@ def test_tiny_run_prints_every_row(synthetic3d):
     workers, header = _rows(out, "One augmentation worker")
     assert header[:4] == ["stream", "s/batch", "batches/s", "ratio to labeled"]
     assert {"labeled (nnUNetTrainer)", "unlabeled", "unlabeled, valid only", "unlabeled, no extra channels",
+            "unlabeled, interpolated coordinates", "unlabeled, valid only, interpolated",
             "unlabeled, nnUNetTrainerMeanTeacher",  # no coordinates: its own stream
             "unlabeled + nnUNetTrainerSegMatch.views (main process)"} <= set(workers)
     assert workers["labeled (nnUNetTrainer)"][3] == "1.00"

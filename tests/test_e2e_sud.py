@@ -111,6 +111,8 @@ def test_te_train_predict(synthetic3d, nnunet_dirs, tmp_path, monkeypatch):
                   env=env)
     assert "target_new_fraction" in out
     assert out.count("unlabeled data: ") == 1  # the unlabeled data are checked once per training
+    # nnU-Net's own pipeline: the stream's coordinates take the exact path, said once (tests/test_exact_coordinates.py)
+    assert out.count("unlabeled stream: case coordinates computed exactly from the SpatialTransform") == 1
     assert "label denoiser loaded from" not in out  # beta = 0: no denoiser is loaded
     log = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)["logging"]
     # the very first step finds no target at all, so epoch 0's mean is at least 1/3

@@ -249,6 +249,7 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
         """The unlabeled stream with its share of the workers (``self.unlabeled_workers``, set by
         ``get_dataloaders``; else the split of ``nnUNet_n_proc_DA``), started."""
         loader = self.build_unlabeled_loader()
+        self.print_to_log_file(loader.coordinate_path())  # exact or interpolated (and why), once per training
         if self.unlabeled_cases_with_labels:
             self.print_to_log_file(
                 f"{len(self.unlabeled_cases_with_labels)} of {len(loader.indices)} "

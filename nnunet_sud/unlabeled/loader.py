@@ -41,7 +41,8 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
-from nnunet_sud.unlabeled.coordinates import VALID_THRESHOLD, case_coordinate_channels, split_coordinates
+from nnunet_sud.unlabeled.coordinates import (CASE_BOX_KEY, VALID_THRESHOLD, CaseBox, case_coordinate_channels,
+                                              exact_coordinate_pipeline, split_coordinates)
 from nnunet_sud.unlabeled.preprocess import LABEL_PROPERTY, LABEL_SUFFIX
 
 #: value of ``batch['seg']`` where the label is unknown (no label, padding, ignore label)
@@ -80,9 +81,15 @@ class UnlabeledDataLoader(nnUNetDataLoader):
     ``carry_coordinates`` (attribute, default True): False carries only the inside-the-case
     channel through the augmentation, for trainers that read ``valid`` but never ``coords``
     (the batch then has no ``coords``; ``valid`` is the same).
+
+    ``exact_coordinates`` (attribute, default True): compute the channels from the positions the
+    SpatialTransform sampled (``coordinates.exact_coordinate_pipeline``) where the pipeline allows;
+    False, or a pipeline it does not know, interpolates them through the augmentation.
+    ``coordinate_path()`` says which path the batches take and why.
     """
 
     carry_coordinates: bool = True
+    exact_coordinates: bool = True
 
     def __init__(self, data, batch_size: int, patch_size: Sequence[int], final_patch_size: Sequence[int],
                  label_manager, transforms=None):
@@ -93,6 +100,31 @@ class UnlabeledDataLoader(nnUNetDataLoader):
         self.label_manager = label_manager
         #: per-sample image keys the transforms add, stacked into the batch (module doc)
         self.extra_image_keys = tuple(getattr(transforms, "extra_image_keys", ()))
+        self._exact_for = self._exact = None
+        self._exact_why = ""
+
+    def exact_transforms(self):
+        """The pipeline with the exact coordinate step (``transforms`` with its SpatialTransform
+        replaced), or None where the channels are interpolated (``exact_coordinates`` False, or a
+        pipeline ``exact_coordinate_pipeline`` does not know)."""
+        if not self.exact_coordinates or self.transforms is None:
+            return None
+        if self._exact_for is not self.transforms:  # found once per pipeline
+            self._exact, self._exact_why = exact_coordinate_pipeline(self.transforms)
+            self._exact_for = self.transforms
+        return self._exact
+
+    def coordinate_path(self) -> str:
+        """One line for the training log: how the case coordinates (or ``valid``) cross the augmentation."""
+        what = "case coordinates" if self.carry_coordinates else "the inside-the-case channel (valid)"
+        if self.exact_transforms() is not None:
+            return f"unlabeled stream: {what} computed exactly from the SpatialTransform's sampling positions"
+        if self.transforms is None:
+            return f"unlabeled stream: {what} cropped with the image (no transforms)"
+        why = self._exact_why if self.exact_coordinates else "exact_coordinates = False"
+        return (f"unlabeled stream: {what} interpolated through the augmentation (slower), because {why}; "
+                f"the exact path needs nnU-Net's SpatialTransform first in a ComposeTransforms "
+                f"(nnunet_sud.unlabeled.coordinates)")
 
     def load_label(self, key: str, properties: dict):
         """The case's preprocessed label (1, *shape) or None when it has none (``LABEL_PROPERTY``).
@@ -108,6 +140,8 @@ class UnlabeledDataLoader(nnUNetDataLoader):
         extra = {}
         shapes = np.zeros((self.batch_size, 3), dtype=np.int64)
         has_label = torch.zeros(self.batch_size, dtype=torch.bool)
+        exact = self.exact_transforms()
+        transforms = exact if exact is not None else self.transforms
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(keys):
                 data, seg, _, properties = self._data.load_case(key)
@@ -124,12 +158,21 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                 lab = torch.full_like(mask, -1) if label is None else \
                     torch.from_numpy(crop_and_pad_nd(label, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
                 segmentation = torch.cat([mask, lab])
-                regr = self.coordinate_channels(bbox_lbs, bbox_ubs, shape)
                 if self.patch_size_was_2d:
-                    image, segmentation, regr = image[:, 0], segmentation[:, 0], regr[:, 0]
-                sample = {"image": image, "segmentation": segmentation, "regression_target": regr}
-                if self.transforms is not None:
-                    sample = self.transforms(**sample)
+                    image, segmentation = image[:, 0], segmentation[:, 0]
+                sample = {"image": image, "segmentation": segmentation}
+                if exact is not None:
+                    box = CaseBox(tuple(bbox_lbs), tuple(bbox_ubs), tuple(shape), self.carry_coordinates)
+                    # a placeholder of the channels' shape (no memory): the exact step writes them
+                    regr = torch.zeros(()).expand(box.channels, *image.shape[1:])
+                    sample[CASE_BOX_KEY] = box
+                else:
+                    regr = self.coordinate_channels(bbox_lbs, bbox_ubs, shape)
+                    if regr is not None and self.patch_size_was_2d:
+                        regr = regr[:, 0]
+                sample["regression_target"] = regr
+                if transforms is not None:
+                    sample = transforms(**sample)
                 if regr is not None and sample.get("regression_target") is None:
                     raise TransformDroppedCoordinatesError(
                         "a transform of the training pipeline dropped 'regression_target' (the patch->case "
