@@ -444,7 +444,7 @@ class SelfTraining:
         return {str(v): k for k, v in self.dataset_json["labels"].items() if k not in ("background", "ignore")}
 
     def quality_line(self, s: dict) -> str:
-        line = f"kept {s['cases_kept']}/{s['cases']} cases, {100 * s['voxels_kept']:.1f}% of their voxels labeled"
+        line = f"kept {s['cases_kept']}/{s['cases']} cases, {100 * s['voxels_kept']:.2f}% of their voxels labeled"
         names = self.class_names()
         for key, what in (("teacher", "teacher (all cases)"), ("denoised", "denoised"),
                           ("pseudo_label", "kept pseudo-labels")):
