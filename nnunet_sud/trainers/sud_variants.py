@@ -1,6 +1,7 @@
 """One-line variants of SUD for the paper's ablations (Young et al., Fig. 5: beta sweep at
 lambda_max = 4; lambda_max; the kidney task's soft Dice + KL) and the plain-sum Dice (nnU-Net's
-form, whose optimum is a thresholded target: SUD/TE as hard pseudo-label sharpening)."""
+form, whose optimum is a thresholded target: SUD/TE as hard pseudo-label sharpening), and TE at
+smaller lambda_max."""
 # the trainers, registered in nnunet_sud.trainers
 __all__ = [
     "nnUNetTrainerSUD_beta0p01",
@@ -13,6 +14,8 @@ __all__ = [
     "nnUNetTrainerSUD_lambda2",
     "nnUNetTrainerSUD_lambda8",
     "nnUNetTrainerSUD_KL",
+    "nnUNetTrainerTE_lambda0p5",
+    "nnUNetTrainerTE_lambda1",
     "nnUNetTrainerSUD_plainDice",
     "nnUNetTrainerTE_plainDice",
     "nnUNetTrainerSUDMeanTeacher_plainDice",
@@ -61,6 +64,17 @@ class nnUNetTrainerSUD_lambda8(nnUNetTrainerSUD):
 
 class nnUNetTrainerSUD_KL(nnUNetTrainerSUD):
     use_kl = True
+
+
+class nnUNetTrainerTE_lambda0p5(nnUNetTrainerTE):
+    """TE with a weaker self-consistency term (lambda_max = 0.5 instead of SUD's 4): with few
+    labels the targets are about the segmenter's own output, and at weight 4 they keep its early
+    false positives (docs/benchmarks.md, acdc3)."""
+    lambda_max = 0.5
+
+
+class nnUNetTrainerTE_lambda1(nnUNetTrainerTE):
+    lambda_max = 1.0
 
 
 class nnUNetTrainerSUD_plainDice(nnUNetTrainerSUD):
