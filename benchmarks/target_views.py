@@ -11,8 +11,10 @@ augmentation or test-time mirroring:
     a(F_1(f))         one pass after noise sigma = 1 (SUD^2's eq. 9, Chan, Young, Metzler)
     R(F(f))           three passes at sigma 1, 0.5, 0 (SUD^2's multi-step denoising)
 
-and prints, per map, the mean per-case Dice per class and the pooled Dice against the labels,
-plus the mean total-variation distance of each map to a(f) (how far a variant moves the target).
+and prints, per map, the mean per-case Dice per class, the pooled Dice and the pooled volume over the
+reference volume (over-segmentation) against the labels, plus the mean total-variation distance of
+each map to a(f) (how far a variant moves the target). Without ``--denoiser`` only f is scored:
+segmenters compared on the pool validation split.
 Use it on a validation split of the training pool (unlabeled cases whose labels were withheld),
 never on the test cases. Example (acdc3 of docs/benchmarks.md; every 7th unlabeled patient):
 
@@ -61,7 +63,9 @@ def main(argv=None):
     ap.add_argument("-f", default="all", help="fold of the segmenter")
     ap.add_argument("-tr", required=True, help="segmenter trainer")
     ap.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    ap.add_argument("--denoiser", required=True, help="denoiser checkpoint or fold folder")
+    ap.add_argument("--denoiser", default=None,
+                    help="denoiser checkpoint or fold folder (without it: the segmenter's f only, e.g. to "
+                         "compare segmenters on the pool validation split)")
     ap.add_argument("--group-regex", default=None, help="regex whose group 1 names a case's group (patient)")
     ap.add_argument("--every", type=int, default=1, help="use every N-th group of the labelled unlabeled cases")
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise of the noisy variants")
@@ -84,10 +88,13 @@ def main(argv=None):
                            perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                            allow_tqdm=False)
     pred.initialize_from_trained_model_folder(model, (a.f if a.f == "all" else int(a.f),), "checkpoint_final.pth")
-    ckpt = a.denoiser if a.denoiser.endswith(".pth") else os.path.join(a.denoiser, "checkpoint_final.pth")
-    den, info = load_denoiser_checkpoint(ckpt)
-    ev = DenoiserEvaluator(den, info["plans_manager"], info["configuration_manager"], info["dataset_json"],
-                           torch.device("cpu"))
+    ev, patch, names_of_maps = None, pred.configuration_manager.patch_size, MAPS[:1]
+    if a.denoiser:
+        ckpt = a.denoiser if a.denoiser.endswith(".pth") else os.path.join(a.denoiser, "checkpoint_final.pth")
+        den, info = load_denoiser_checkpoint(ckpt)
+        ev = DenoiserEvaluator(den, info["plans_manager"], info["configuration_manager"], info["dataset_json"],
+                               torch.device("cpu"))
+        patch, names_of_maps = info["configuration_manager"].patch_size, MAPS
     folder = os.path.join(nnUNet_preprocessed, dname,
                           unlabeled_folder_name(pred.configuration_manager.data_identifier))
     ds = infer_dataset_class(folder)(folder, unlabeled_identifiers(folder))
@@ -102,10 +109,10 @@ def main(argv=None):
             else denoiser_input(p)
         return torch.softmax(ev.denoise(x), 0)
 
-    per_case = {m: [] for m in MAPS}
-    move = {m: [] for m in MAPS}
-    inter = {m: np.zeros(len(labels)) for m in MAPS}
-    total = {m: np.zeros(len(labels)) for m in MAPS}
+    per_case = {m: [] for m in names_of_maps}
+    move = {m: [] for m in names_of_maps}
+    inter = {m: np.zeros(len(labels)) for m in names_of_maps}
+    total = {m: np.zeros(len(labels)) for m in names_of_maps}
     ref_total = np.zeros(len(labels))
     for k in keys:
         data, _, _, _ = ds.load_case(k)
@@ -113,13 +120,15 @@ def main(argv=None):
         seg = np.where(seg < 0, 0, seg)
         with torch.no_grad():
             f = torch.softmax(pred.predict_logits_from_preprocessed_data(torch.from_numpy(np.asarray(data))).float(), 0)
-            fp, crop = pad_to_patch(f, info["configuration_manager"].patch_size)
-            af = denoise(fp)
-            maps = {"f": fp, "a(f)": af, "SUD mix 0.05": 0.05 * af + 0.95 * fp, "a(a(a(f)))": denoise(denoise(af)),
-                    "a(F_1(f))": denoise(fp, 1.0), "R(F(f)) 1,.5,0": denoise(denoise(denoise(fp, 1.0), 0.5))}
+            fp, crop = pad_to_patch(f, patch)
+            maps = {"f": fp}
+            if ev is not None:
+                af = denoise(fp)
+                maps.update({"a(f)": af, "SUD mix 0.05": 0.05 * af + 0.95 * fp, "a(a(a(f)))": denoise(denoise(af)),
+                             "a(F_1(f))": denoise(fp, 1.0), "R(F(f)) 1,.5,0": denoise(denoise(denoise(fp, 1.0), 0.5))})
         for m, v in maps.items():
             v = v[crop]
-            move[m].append(float((v - af[crop]).abs().sum(0).mean() / 2))
+            move[m].append(float((v - af[crop]).abs().sum(0).mean() / 2) if ev is not None else float("nan"))
             s = v.argmax(0).numpy()
             dices = []
             for i, c in enumerate(labels):
@@ -129,17 +138,19 @@ def main(argv=None):
                 dices.append(2 * tp / (n_p + n_r) if n_p + n_r else np.nan)
             per_case[m].append(dices)
         ref_total += [np.sum(seg == c) for c in labels]
-        print(k, " ".join(f"{m}: {np.nanmean(per_case[m][-1]):.3f}" for m in MAPS), flush=True)
+        print(k, " ".join(f"{m}: {np.nanmean(per_case[m][-1]):.3f}" for m in names_of_maps), flush=True)
 
     names = "/".join(str(v) for v in labels)
     print(f"\n{a.tr} on {len(keys)} labelled unlabeled cases (whole slices, no mirroring)\n")
-    print(f"| map | mean case Dice {names} | mean | pooled Dice {names} | mean TV distance to a(f) |")
-    print("|---|---|---:|---|---:|")
-    for m in MAPS:
+    print(f"| map | mean case Dice {names} | mean | pooled Dice {names} | volume / reference {names} "
+          "| mean TV distance to a(f) |")
+    print("|---|---|---:|---|---|---:|")
+    for m in names_of_maps:
         pc = np.nanmean(np.array(per_case[m], float), 0)
         pooled = 2 * inter[m] / (total[m] + ref_total)
         print(f"| {m} | {'/'.join(f'{v:.3f}' for v in pc)} | {np.nanmean(pc):.3f} | "
-              f"{'/'.join(f'{v:.3f}' for v in pooled)} | {np.mean(move[m]):.4f} |")
+              f"{'/'.join(f'{v:.3f}' for v in pooled)} | {'/'.join(f'{v:.2f}' for v in total[m] / ref_total)} "
+              f"| {np.mean(move[m]):.4f} |")
     if a.o:
         with open(a.o, "w") as fh:
             json.dump({"trainer": a.tr, "cases": keys, "labels": labels, "per_case": per_case, "move": move}, fh)
