@@ -13,8 +13,9 @@ augmentation or test-time mirroring:
 
 and prints, per map, the mean per-case Dice per class, the pooled Dice and the pooled volume over the
 reference volume (over-segmentation) against the labels, plus the mean total-variation distance of
-each map to a(f) (how far a variant moves the target). Without ``--denoiser`` only f is scored:
-segmenters compared on the pool validation split.
+each map to a(f) (how far a variant moves the target), and where f's false positives lie (on
+slices without reference foreground, or farther than ``--far-mm`` from it). Without ``--denoiser``
+only f is scored: segmenters compared on the pool validation split.
 Use it on a validation split of the training pool (unlabeled cases whose labels were withheld),
 never on the test cases. Example (acdc3 of docs/benchmarks.md; every 7th unlabeled patient):
 
@@ -56,6 +57,24 @@ def pad_to_patch(p: torch.Tensor, patch):
     return out, tuple(crop)
 
 
+def count_false_positives(acc: dict, pred_fg: np.ndarray, ref_fg: np.ndarray, in_plane, far_mm: float) -> None:
+    """Add one case's false-positive locations to ``acc``: per slice (axis 0) of the (Z, Y, X)
+    foreground masks, false positives on slices without reference foreground, and those farther
+    than ``far_mm`` (in-plane distance, ``in_plane`` spacing) from it on the other slices."""
+    from scipy.ndimage import distance_transform_edt
+    wrong = pred_fg & ~ref_fg
+    acc["predicted"] += int(pred_fg.sum())
+    acc["false_positive"] += int(wrong.sum())
+    for z in range(ref_fg.shape[0]):
+        acc["slices"] += 1
+        if not ref_fg[z].any():
+            acc["slices_without_reference"] += 1
+            acc["of_them_predicted"] += int(pred_fg[z].any())
+            acc["on_slices_without_reference"] += int(wrong[z].sum())
+        else:
+            acc["far"] += int((wrong[z] & (distance_transform_edt(~ref_fg[z], sampling=in_plane) > far_mm)).sum())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-d", required=True, help="dataset name or id")
@@ -69,6 +88,8 @@ def main(argv=None):
     ap.add_argument("--group-regex", default=None, help="regex whose group 1 names a case's group (patient)")
     ap.add_argument("--every", type=int, default=1, help="use every N-th group of the labelled unlabeled cases")
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise of the noisy variants")
+    ap.add_argument("--far-mm", type=float, default=15.0,
+                    help="false positives of f farther than this (mm, in-plane) from the reference count as far")
     ap.add_argument("-o", default=None, help="write per-case results to this JSON file")
     a = ap.parse_args(argv)
 
@@ -114,6 +135,9 @@ def main(argv=None):
     inter = {m: np.zeros(len(labels)) for m in names_of_maps}
     total = {m: np.zeros(len(labels)) for m in names_of_maps}
     ref_total = np.zeros(len(labels))
+    false_pos = dict(predicted=0, false_positive=0, on_slices_without_reference=0, far=0, slices=0,
+              slices_without_reference=0, of_them_predicted=0)
+    in_plane = [float(v) for v in pred.configuration_manager.spacing[-2:]]
     for k in keys:
         data, _, _, _ = ds.load_case(k)
         seg = np.asarray(open_case_label(folder, k))[0]
@@ -138,6 +162,7 @@ def main(argv=None):
                 dices.append(2 * tp / (n_p + n_r) if n_p + n_r else np.nan)
             per_case[m].append(dices)
         ref_total += [np.sum(seg == c) for c in labels]
+        count_false_positives(false_pos, maps["f"][crop].argmax(0).numpy() > 0, seg > 0, in_plane, a.far_mm)
         print(k, " ".join(f"{m}: {np.nanmean(per_case[m][-1]):.3f}" for m in names_of_maps), flush=True)
 
     names = "/".join(str(v) for v in labels)
@@ -151,6 +176,14 @@ def main(argv=None):
         print(f"| {m} | {'/'.join(f'{v:.3f}' for v in pc)} | {np.nanmean(pc):.3f} | "
               f"{'/'.join(f'{v:.3f}' for v in pooled)} | {'/'.join(f'{v:.2f}' for v in total[m] / ref_total)} "
               f"| {np.mean(move[m]):.4f} |")
+    print(f"\nWhere f's false positives are (any foreground class predicted where the reference is background): "
+          f"{false_pos['false_positive']} of {false_pos['predicted']} predicted foreground voxels "
+          f"({false_pos['false_positive'] / max(false_pos['predicted'], 1):.1%}); of them "
+          f"{false_pos['on_slices_without_reference'] / max(false_pos['false_positive'], 1):.1%} on the "
+          f"{false_pos['slices_without_reference']} of {false_pos['slices']} slices without reference foreground "
+          f"({false_pos['of_them_predicted']} of which get a prediction), "
+          f"{false_pos['far'] / max(false_pos['false_positive'], 1):.1%} more than {a.far_mm:g} mm (in-plane) from the reference "
+          "on slices with reference foreground")
     if a.o:
         with open(a.o, "w") as fh:
             json.dump({"trainer": a.tr, "cases": keys, "labels": labels, "per_case": per_case, "move": move}, fh)
