@@ -105,15 +105,22 @@ def start_trainer(trainer, denoiser=None, num_epochs: int = 1000, iterations_per
 
 def write_random_denoiser_checkpoint(plans_file: str, dataset_json: dict, configuration: str, path: str) -> str:
     """An ``nnUNetTrainerLabelDenoiser`` checkpoint holding randomly initialised weights of the planned
-    denoiser; with ``nnUNet_denoiser`` pointing at it, every denoiser user loads it the ordinary way."""
+    denoiser, narrowed as the denoiser trainer narrows it by default (``narrow_architecture``; the
+    checkpoint's plans say so); with ``nnUNet_denoiser`` pointing at it, every denoiser user loads it
+    the ordinary way, post-denoise too (it rebuilds the denoiser from the segmenter's plans)."""
+    import copy
+
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser
+    from nnunet_sud.denoiser.trainer import nnUNetTrainerLabelDenoiser, narrow_architecture
     plans = load_json(plans_file)
     pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)  # inheritance resolved, as the trainer sees it
+    arch = narrow_architecture(cm.configuration["architecture"])
+    plans["configurations"][configuration]["architecture"] = copy.deepcopy(arch)  # as the trainer writes it
     n = pm.get_label_manager(dataset_json).num_segmentation_heads
-    net = nnUNetTrainerLabelDenoiser.build_network_architecture(pm, pm.get_configuration(configuration), n, n, False)
+    net = nnUNetTrainerLabelDenoiser.build_network_architecture(pm, cm, n, n, False)
     torch.save({"network_weights": net.state_dict(), "trainer_name": nnUNetTrainerLabelDenoiser.__name__,
                 "init_args": {"plans": plans, "configuration": configuration, "fold": 0,
                               "dataset_json": dataset_json}}, path)
