@@ -488,7 +488,8 @@ def main(argv=None) -> int:
         return 0
     if args.dataset is None:
         print("generating, planning and preprocessing the synthetic dataset ...", flush=True)
-        scratch = _common.setup_synthetic(shape=args.synthetic_shape, prefix="data_pipeline_", n_labeled=4,
+        # 6 labeled cases: the trainers are built for fold 0, and nnU-Net's 5-fold split needs at least 5
+        scratch = _common.setup_synthetic(shape=args.synthetic_shape, prefix="data_pipeline_", n_labeled=6,
                                           n_unlabeled=8, unlabeled_labels=False)
         runs = [(989, "3d_fullres", "synthetic 3d")]
         if args.acdc:
