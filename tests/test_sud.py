@@ -44,6 +44,14 @@ def test_paper_schedules(sud):
     assert nnUNetTrainerTE.beta == 0 and nnUNetTrainerSUD_lambda2.lambda_max == 2
 
 
+def test_te_lambda_variants_ramp_to_their_own_lambda_max_without_a_denoiser(synthetic_plans):
+    from nnunet_sud.trainers import nnUNetTrainerTE_lambda0p5, nnUNetTrainerTE_lambda1
+    for cls, top in ((nnUNetTrainerTE_lambda1, 1.0), (nnUNetTrainerTE_lambda0p5, 0.5)):
+        t = make_trainer(cls, synthetic_plans)
+        assert [t.unlabeled_weight(p) for p in (0, 0.5, 1)] == pytest.approx([0, top / 2, top])
+        assert t.beta == 0 and not t.needs_denoiser()  # TE: no denoiser share, whatever lambda_max is
+
+
 def test_update_equals_eq8_by_hand(sud):
     case = (2, 3, 4)
     L = torch.tensor([0.5, -1.0, 2.0, 0.0]).reshape(1, 4, 1, 1, 1)
