@@ -136,7 +136,7 @@ def main(argv=None):
     total = {m: np.zeros(len(labels)) for m in names_of_maps}
     ref_total = np.zeros(len(labels))
     false_pos = dict(predicted=0, false_positive=0, on_slices_without_reference=0, far=0, slices=0,
-              slices_without_reference=0, of_them_predicted=0)
+                     slices_without_reference=0, of_them_predicted=0)
     in_plane = [float(v) for v in pred.configuration_manager.spacing[-2:]]
     for k in keys:
         data, _, _, _ = ds.load_case(k)
