@@ -242,3 +242,72 @@ def test_unvisited_voxels_read_as_no_target(tmp_path):
     store.write(half["keys"], half["coords"], half["valid"], half["case_shapes"], torch.full((1, 2, 4, 4, 4), 0.5))
     got = store.read(b["keys"], b["coords"], b["valid"], b["case_shapes"])
     assert torch.isnan(got[0, :, :2]).all() and (got[0, :, 2:] == 0.5).all()
+
+
+def _same_store_two_ways(tmp_path, batches, num_classes, dtype=np.float32):
+    """Apply the same updates and reads to a store with and without the whole-block path for crops;
+    return (number of patches that took it, the two stores, the reads of each)."""
+    from nnunet_sud.targets.store import AxisAlignedCrop
+    stores = [SoftTargetStore(str(tmp_path / name), num_classes, dtype=dtype) for name in ("fast", "general")]
+    stores[1].fast_crops = False
+    g = torch.Generator().manual_seed(0)
+    reads = ([], [])
+    fast = 0
+    for n, b in enumerate(batches):
+        for i in range(b["coords"].shape[0]):
+            fast += AxisAlignedCrop.of(b["coords"][i], b["valid"][i], b["case_shapes"][i].tolist()) is not None
+        est = torch.softmax(torch.randn((b["coords"].shape[0], num_classes, *b["valid"].shape[1:]), generator=g), 1)
+        for s, r in zip(stores, reads):
+            r.append(s.read(b["keys"], b["coords"], b["valid"], b["case_shapes"]))
+            for i in range(b["coords"].shape[0]):  # one patch at a time: the two may overlap
+                s.update(b["keys"][i:i + 1], b["coords"][i:i + 1], b["valid"][i:i + 1], b["case_shapes"][i:i + 1],
+                         est[i:i + 1], alpha=1.0 if n == 0 else 0.3)
+    return fast, stores, reads
+
+
+def test_whole_block_path_for_crops_gives_what_the_general_path_gives(tmp_path):
+    """Crops without rotation or scaling (mirrored, partly outside the case) are read and updated by
+    whole-block operations (AxisAlignedCrop); through nnU-Net's real transforms, a mix of such crops
+    and warped patches leaves the same store and reads the same targets as the per-voxel path."""
+    batches = augmented_batches((20, 24, 24), (14, 16, 16), 20, seed=5)
+    mirrored, _ = _augmented_batches(np.zeros((12, 14, 14), np.float32), (10, 16, 12), 10, seed=6, geometric=False)
+    crops = sum(not is_warped(b) for b in batches)
+    assert 3 <= crops < len(batches)  # both kinds of patch
+    fast, (a, b), (ra, rb) = _same_store_two_ways(tmp_path, batches + mirrored, 3)
+    assert fast >= 2 * (crops + len(mirrored)) - 2  # crops take the whole-block path (not only by chance)
+    for k in set(a.keys()) | set(b.keys()):
+        za, zb = a.load_case(k), b.load_case(k)
+        assert np.array_equal(np.isfinite(za), np.isfinite(zb)), k
+        assert np.allclose(za[np.isfinite(za)], zb[np.isfinite(zb)], atol=1e-6), k
+    for x, y in zip(ra, rb):
+        assert torch.equal(torch.isnan(x), torch.isnan(y))
+        assert torch.allclose(torch.nan_to_num(x), torch.nan_to_num(y), atol=1e-5)
+
+
+def test_whole_block_path_for_2d_patches_with_flips_and_swapped_axes(tmp_path):
+    """2d patches lie on one case slice; a patch whose axes run against, or across, the case axes
+    (mirrored, or a user's transposing transform) still maps voxel to voxel, also partly outside."""
+    from nnunet_sud.targets.store import AxisAlignedCrop
+    case = (3, 7, 9)
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(6.0), indexing="ij")
+
+    def patch(z, swap, flip_y, y0, x0):
+        y, x = (xx, yy) if swap else (yy, xx)
+        y = (y.shape[0] - 1 - y if flip_y else y) if not swap else y.flip(1) if flip_y else y
+        coords = torch.stack([torch.full_like(yy, float(z)), y + y0, x + x0])
+        valid = ((coords >= 0) & (coords <= torch.tensor(case).view(3, 1, 1) - 1)).all(0)
+        return {"keys": ["s"], "coords": coords[None], "valid": valid[None], "case_shapes": torch.tensor([case])}
+
+    batches = [patch(z, swap, flip, y0, x0) for z in (0, 2) for swap in (False, True) for flip in (False, True)
+               for y0, x0 in ((0, 0), (-2, 3), (1, -1))]
+    crop = AxisAlignedCrop.of(batches[5]["coords"][0], batches[5]["valid"][0], case)
+    v = torch.arange(2 * 8 * 6, dtype=torch.float32).reshape(2, 8, 6)[(slice(None),) + crop.patch]
+    assert torch.equal(crop.to_patch(crop.to_case(v)), v)  # the two layouts are each other's inverse
+    fast, (a, b), (ra, rb) = _same_store_two_ways(tmp_path, batches, 2)
+    assert fast == len(batches)
+    za, zb = a.load_case("s"), b.load_case("s")
+    assert np.array_equal(np.isfinite(za), np.isfinite(zb)) and np.isfinite(za).any()
+    assert np.allclose(za[np.isfinite(za)], zb[np.isfinite(zb)], atol=1e-6)
+    for x, y in zip(ra, rb):
+        assert torch.equal(torch.isnan(x), torch.isnan(y))
+        assert torch.allclose(torch.nan_to_num(x), torch.nan_to_num(y), atol=1e-6)
