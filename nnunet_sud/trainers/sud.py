@@ -166,8 +166,8 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
         a_f = self.denoise(f) if self.beta > 0 else None
         current = self.spatial_denoise(f, a_f)
         t0 = time.perf_counter()
-        where = (batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"])
-        z_prev = self.store.read(*where)
+        where = self.store_location(batch_u)
+        z_prev = self.store.read(*where)  # prefetched before the forward pass (unlabeled_loss)
         first_visit = torch.isnan(z_prev).any(1, keepdim=True)
         z = torch.where(first_visit, current, alpha * current + (1 - alpha) * torch.nan_to_num(z_prev))
         self.store.update(*where, current, alpha)
@@ -177,7 +177,13 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
         self.record_target_quality(batch_u, prediction=f, denoised=a_f, target=z)
         return z
 
+    @staticmethod
+    def store_location(batch_u: dict) -> tuple:
+        """The arguments that place the unlabeled batch in the store: keys, coords, valid, case_shapes."""
+        return batch_u["keys"], batch_u["coords"], batch_u["valid"], batch_u["case_shapes"]
+
     def unlabeled_loss(self, batch_u: dict):
+        self.store.prefetch(*self.store_location(batch_u))  # the file reads overlap the forward pass
         outputs = self.network(batch_u["data"])
         f = torch.softmax(full_resolution(outputs).float(), 1)
         alpha = float(self.alpha(self.training_progress()))

@@ -226,6 +226,7 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
     def unlabeled_loss(self, batch_u: dict):
         """L_unl = D(z, f) + (lambda_2 / lambda_max) L_reg, z SUD's eq. 8 target with R(F(f))."""
         bottleneck = None
+        self.store.prefetch(*self.store_location(batch_u))  # the file reads overlap the forward pass
         if isinstance(self.plain_network(), BottleneckUNet):
             outputs, bottleneck = self.network(batch_u["data"], return_bottleneck=True)
         else:
