@@ -46,12 +46,16 @@ Two questions of issue 17 ("the unlabeled stream must not starve a GPU"), with i
    grow with the patch; only the store's file I/O and Python loops stay on the CPU. With ``--device
    cuda`` the steps run on the GPU, the timers synchronise, and the share is measured directly.
 
-3. **SUD's store at GPU scale** (the piece that stays on the CPU): ``read`` + ``update`` as SUD calls
-   them on a batch of ``--store-batch`` patches of ``--store-patch`` voxels (default 2 x 128^3, 4
-   classes), plain crops and rotated patches, synchronous and with the store's write-behind (updates
-   in a background thread, ``SoftTargetStore(write_behind=True)``, what SUD uses), with
-   ``--gpu-step-s`` of sleep between steps standing in for the GPU work the main process waits
-   for. Printed: main-process seconds per step in the store calls and their share of the GPU step.
+3. **SUD's store at GPU scale**: its calls in SUD's order (``prefetch`` before the unlabeled
+   forward pass, ``read`` after it, ``update``) on a batch of ``--store-batch`` patches of
+   ``--store-patch`` voxels (default 2 x 128^3, 4 classes), plain crops and rotated patches,
+   synchronous, with the store's write-behind (updates and prefetched reads in a background thread,
+   ``SoftTargetStore(write_behind=True)``, what SUD uses) and, for crops, write-behind through the
+   per-voxel path the store used for crops before (side by side: the whole-block path's gain).
+   ``--gpu-step-s`` of sleep per step stands in for the GPU work the main process waits for, a third
+   of it between prefetch and read (the forward pass). Tensors live on ``--device`` (cpu by
+   default: the store's arithmetic then runs on the CPU, which a GPU training does not do).
+   Printed: main-process seconds per step in the store calls and their share of the GPU step.
 
 Trainers: by default one per method -- every class of ``nnunet_sud.trainers`` that is not a
 variant of another concrete trainer (variants change settings, not the pipeline); ``--trainers``
@@ -291,14 +295,25 @@ def main_process_costs(plans_file, dataset_json, configuration, names, device, r
 
 
 # ---------------------------------------------------------------------- item 2 at GPU scale: the store
-def store_at_gpu_scale(patch, batch: int, classes: int, steps: int, gpu_step_s: float, warped: bool) -> dict:
-    """Main-process seconds per step of SUD's store calls (``read`` then ``update``, as
-    ``nnUNetTrainerSUD.soft_targets``) on a batch of ``batch`` patches of ``patch`` voxels from cases 1.25x
-    the patch per axis, synchronous and write-behind. Between steps the main process sleeps
-    ``gpu_step_s`` (what it waits for the GPU on a GPU step), which is when queued updates run.
-    ``warped``: patches rotated by 10 degrees about z (the inverse-affine path), else plain crops.
-    Returns {mode: median seconds per step in the calls}; the first ``batch`` steps (new case files) are
-    left out."""
+#: share of the GPU step spent in the unlabeled batch's forward pass, between SUD's prefetch and read
+FORWARD_SHARE = 1 / 3
+
+
+def store_at_gpu_scale(patch, batch: int, classes: int, steps: int, gpu_step_s: float, warped: bool,
+                       device: str = "cpu") -> dict:
+    """Main-process seconds per step of SUD's store calls in SUD's order (``nnUNetTrainerSUD``):
+    ``prefetch`` before the unlabeled forward pass, ``read`` after it, ``update``; the GPU work the
+    main process waits for is emulated by sleeping ``FORWARD_SHARE`` of ``gpu_step_s`` between prefetch
+    and read and the rest after the update (queued updates and prefetched reads run then). A batch of
+    ``batch`` patches of ``patch`` voxels from cases 1.25x the patch per axis; coords, valid and values
+    on ``device`` (the trainer moves the unlabeled batch there). ``warped``: patches rotated by 10
+    degrees about z (the inverse-affine path), else plain crops. Modes: synchronous (no background
+    thread: prefetch does nothing), write-behind (what SUD uses) and, for crops, write-behind with the
+    per-voxel path instead of the whole-block one (``SoftTargetStore.fast_crops = False``, the store
+    before issue 17's fix). Returns {mode: (median seconds per step in the calls, seconds per step
+    copying blocks out of and into the case files, in any thread: ``SoftTargetStore.file_seconds``,
+    the part that stays on the CPU when the arithmetic runs on a GPU)}; the first ``batch`` steps
+    (new case files) are left out."""
     import math
     import tempfile
     import numpy as np
@@ -312,12 +327,19 @@ def store_at_gpu_scale(patch, batch: int, classes: int, steps: int, gpu_step_s: 
         g = grids - c
         grids = torch.stack([g[0], math.cos(a) * g[1] - math.sin(a) * g[2], math.sin(a) * g[1] + math.cos(a) * g[2]]) + c
     rng = np.random.default_rng(0)
+    modes = [("synchronous", False, True), ("write-behind", True, True)]
+    if not warped:
+        modes.append(("write-behind, per-voxel path", True, False))
     out = {}
-    for mode in ("synchronous", "write-behind"):
+    for mode, behind, fast in modes:
         with tempfile.TemporaryDirectory(prefix="data_pipeline_store_") as d:
-            store = SoftTargetStore(d, classes, write_behind=mode == "write-behind")
+            store = SoftTargetStore(d, classes, write_behind=behind)
+            store.fast_crops = fast
             times = []
             for step in range(steps + batch):
+                if step == batch:
+                    store.wait()
+                    store.file_seconds = 0.0
                 keys = [f"case{(step + i) % batch}" for i in range(batch)]
                 off = [torch.tensor([rng.integers(0, cs - p + 1) for cs, p in zip(case, patch)],
                                     dtype=torch.float32).view(3, 1, 1, 1) for _ in keys]
@@ -325,31 +347,46 @@ def store_at_gpu_scale(patch, batch: int, classes: int, steps: int, gpu_step_s: 
                 valid = ((coords >= 0) & (coords <= torch.tensor(case).view(1, 3, 1, 1, 1) - 1)).all(1)
                 shapes = torch.tensor([case] * batch)
                 values = torch.softmax(torch.randn((batch, classes, *patch)), 1)
+                coords, valid, values = coords.to(device), valid.to(device), values.to(device)
+                _common.synchronize(device)
+                t0 = time.perf_counter()
+                store.prefetch(keys, coords, valid, shapes)
+                spent = time.perf_counter() - t0
+                time.sleep(gpu_step_s * FORWARD_SHARE)
                 t0 = time.perf_counter()
                 z = store.read(keys, coords, valid, shapes)
                 store.update(keys, coords, valid, shapes, values, 0.5)
-                times.append(time.perf_counter() - t0)
+                _common.synchronize(device)
+                times.append(spent + time.perf_counter() - t0)
                 del z
-                time.sleep(gpu_step_s)
+                time.sleep(gpu_step_s * (1 - FORWARD_SHARE))
             store.close()
-            out[mode] = median(times[batch:])
+            out[mode] = (median(times[batch:]), store.file_seconds / steps)
     return out
 
 
 def report_store(args):
     patch, batch = tuple(args.store_patch), args.store_batch
     voxels = batch * patch[0] * patch[1] * patch[2]
+    device = args.device or "cpu"
     print(f"\n#### SUD's soft-target store at GPU scale: batch {batch} x {list(patch)}, {args.store_classes} classes, "
           f"cases 1.25x the patch, {args.store_steps} steps after {batch} that create the case files; "
-          f"{args.gpu_step_s} s of GPU work emulated between steps (--gpu-step-s)\n")
-    print("| patches | mode | main-process s/step (read + update) | % of GPU step | goal <= 5 % |")
-    print("|---|---|---|---|---|")
+          f"{args.gpu_step_s} s of GPU work emulated per step (--gpu-step-s), {FORWARD_SHARE:.2f} of it between "
+          f"prefetch and read; tensors on {device}\n")
+    print("| patches | mode | main-process s/step (prefetch + read + update) | % of GPU step | goal <= 5 % "
+          "| file copies s/step (any thread) | % of GPU step |")
+    print("|---|---|---|---|---|---|---|")
     for warped in (False, True):
-        res = store_at_gpu_scale(patch, batch, args.store_classes, args.store_steps, args.gpu_step_s, warped)
-        for mode, sec in res.items():
-            share = sec * (args.gpu_batch_voxels / voxels) / args.gpu_step_s
-            print(f"| {'rotated 10 deg' if warped else 'crops'} | {mode} | {sec:.4f} | {100 * share:.1f} | "
-                  f"{'yes' if share <= MAIN_GOAL else 'NO'} |")
+        res = store_at_gpu_scale(patch, batch, args.store_classes, args.store_steps, args.gpu_step_s, warped, device)
+        for mode, (sec, files) in res.items():
+            scale = (args.gpu_batch_voxels / voxels) / args.gpu_step_s
+            print(f"| {'rotated 10 deg' if warped else 'crops'} | {mode} | {sec:.4f} | {100 * sec * scale:.1f} | "
+                  f"{'yes' if sec * scale <= MAIN_GOAL else 'NO'} | {files:.4f} | {100 * files * scale:.1f} |")
+    if not device.startswith("cuda"):
+        print("\nTensors on the CPU: the store's arithmetic (crop detection, blending, the inverse warp) runs on "
+              "the CPU here and on the GPU in a GPU training, so the main-process seconds over-state a GPU's; "
+              "`--device cuda` measures them. The file copies stay on the CPU either way: with write-behind "
+              "they run in the background thread, off the main process, while they fit in a step.")
 
 
 # ---------------------------------------------------------------------- report
