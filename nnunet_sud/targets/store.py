@@ -153,11 +153,10 @@ class AxisAlignedCrop:
                 flips.append(k)
         if len(set(order)) != n:
             return None
-        expected = origin.reshape(3, *[1] * n).clone()
-        for k, j in enumerate(order):
+        expected = origin.reshape(3, *[1] * n).expand_as(c).clone()
+        for k, j in enumerate(order):  # case axis j runs along patch axis k, forwards or backwards
             ramp = torch.arange(c.shape[1 + k], dtype=c.dtype, device=c.device) * (-1 if k in flips else 1)
-            expected = expected + torch.nn.functional.one_hot(torch.tensor(j), 3).to(c).reshape(
-                3, *[1] * n) * ramp.reshape(*[1 if a != k else -1 for a in range(n)])
+            expected[j] += ramp.reshape(*[1 if a != k else -1 for a in range(n)])
         if float((c - expected).abs().max()) > 1e-3:  # also: nothing warped (c - r is part of it)
             return None
         lo = r.reshape(3, -1).amin(1).long().tolist()
