@@ -524,6 +524,49 @@ def test_mean_teacher_family_perturbs_student_and_teacher_by_dropout(synthetic_p
         bad.initialize()
 
 
+def test_feature_dropout_control_is_nnunet_with_the_students_dropout_only(synthetic_plans):
+    """nnUNetTrainerFeatureDropout: plain nnUNetTrainer (no unlabeled stream, no teacher) whose network
+    drops bottleneck channels in train mode with MT's p; eval mode (nnUNetv2_predict) is the plain
+    network; p read at initialize; a bad p names the setting."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_sud.trainers import nnUNetTrainerFeatureDropout, nnUNetTrainerMeanTeacher
+    tr = make_trainer(nnUNetTrainerFeatureDropout, synthetic_plans)
+    assert type(tr).__mro__[1] is nnUNetTrainer and not hasattr(tr, "teacher")
+    assert tr.feature_dropout == make_trainer(nnUNetTrainerMeanTeacher, synthetic_plans).feature_dropout == 0.5
+    tr.initialize()
+    net = unwrap_network(tr.network)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, *tr.configuration_manager.patch_size)
+    net.train()
+    masks = []
+    for seed in (1, 2):  # train mode: about half of the bottleneck channels zero, a new draw each pass
+        torch.manual_seed(seed)
+        masks.append((_captured_bottleneck(net, x)[0].flatten(2) == 0).all(-1))
+        assert 0.3 < masks[-1].float().mean() < 0.7
+    assert not torch.equal(*masks)
+    plain = make_trainer(nnUNetTrainer, synthetic_plans)
+    plain.initialize()
+    plain_net = unwrap_network(plain.network)
+    plain_net.load_state_dict(net.state_dict())  # same keys: an ordinary model folder
+    net.eval(), plain_net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x)[0], plain_net(x)[0])
+    late = make_trainer(nnUNetTrainerFeatureDropout, synthetic_plans)
+    late.feature_dropout = 0.0  # a user's variant after super().__init__()
+    late.initialize()
+    late_net = unwrap_network(late.network).train()
+    outs = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            outs.append(late_net(x)[0])
+    assert torch.equal(*outs)
+    bad = make_trainer(nnUNetTrainerFeatureDropout, synthetic_plans)
+    bad.feature_dropout = 1.0
+    with pytest.raises(UserFacingError, match="nnUNetTrainerFeatureDropout.feature_dropout"):
+        bad.initialize()
+
+
 def test_uamt_logs_mc_spread_and_uncertainty_where_the_teacher_is_wrong(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerUAMT
     tr = make_trainer(nnUNetTrainerUAMT, synthetic_plans)

@@ -18,14 +18,15 @@ full-resolution output (see ``teacher.py``). Voxels of a patch that lie outside 
 (nnU-Net's padding, ``batch_u['valid']`` False) are left out. ``nnUNetv2_predict`` uses the student.
 """
 # the trainers, registered in nnunet_sud.trainers
-__all__ = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerMeanTeacher_noDropout"]
+__all__ = ["nnUNetTrainerMeanTeacher", "nnUNetTrainerMeanTeacher_noDropout", "nnUNetTrainerFeatureDropout"]
 
 from typing import Dict, Optional, Tuple
 
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sud.losses.consistency import weighted_consistency
-from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
+from nnunet_sud.trainers.teacher import install_feature_dropout, nnUNetTrainerMeanTeacherBase
 
 
 class nnUNetTrainerMeanTeacher(nnUNetTrainerMeanTeacherBase):
@@ -64,3 +65,21 @@ class nnUNetTrainerMeanTeacher_noDropout(nnUNetTrainerMeanTeacher):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.feature_dropout = 0.0
+
+
+class nnUNetTrainerFeatureDropout(nnUNetTrainer):
+    """The supervised control of the mean-teacher family: nnUNetTrainer with the student's feature
+    dropout (p = 0.5 on the bottleneck and before the output layer, ``teacher.add_feature_dropout``)
+    and nothing else: no unlabeled images, no teacher. MT, UA-MT and DAE-MT regularise the labeled
+    loss by this dropout too, so their gain over nnUNetTrainer is the sum of the two; their gain over
+    this trainer is what the unlabeled images add."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.feature_dropout = 0.5
+
+    def initialize(self):
+        super().initialize()
+        if self.feature_dropout > 0:
+            install_feature_dropout(self, "the segmenter (supervised only)")

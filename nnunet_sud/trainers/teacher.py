@@ -95,6 +95,22 @@ def add_feature_dropout(module: nn.Module, p: float) -> list:
     return [encoder.register_forward_hook(bottleneck), decoder.seg_layers[-1].register_forward_pre_hook(before_head)]
 
 
+def install_feature_dropout(trainer, where: str) -> None:
+    """``add_feature_dropout`` with ``trainer.feature_dropout`` on the trainer's (unwrapped) network, at
+    ``initialize``; a bad probability or a network that is not an nnU-Net U-Net stops with the
+    trainer's name and the setting. ``where`` goes into the training log line."""
+    name, p = type(trainer).__name__, trainer.feature_dropout
+    if not 0.0 <= float(p) < 1.0:
+        raise UserFacingError(f"{name}.feature_dropout (the dropout probability of {where}) must be in [0, 1), "
+                              f"got {p}")
+    try:
+        add_feature_dropout(unwrap_network(trainer.network), float(p))
+    except ValueError as e:
+        raise UserFacingError(f"{name}: feature_dropout = {p} needs an nnU-Net style U-Net ({e}). "
+                              f"Set feature_dropout = 0 for this network.")
+    trainer.print_to_log_file(f"feature dropout p = {p} on the bottleneck and before the output layer, {where}")
+
+
 class EMATeacher:
     """An EMA copy of a student network (Tarvainen & Valpola 2017).
 
@@ -217,13 +233,7 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
         super().initialize()
         if self.feature_dropout > 0:  # read here: --c initializes before on_train_start's checks
             self.check_settings()
-            try:
-                add_feature_dropout(self.plain_network(), float(self.feature_dropout))
-            except ValueError as e:
-                raise UserFacingError(f"{type(self).__name__}: feature_dropout = {self.feature_dropout} needs an "
-                                      f"nnU-Net style U-Net ({e}). Set feature_dropout = 0 for this network.")
-            self.print_to_log_file(f"feature dropout p = {self.feature_dropout} on the bottleneck and before the "
-                                   f"output layer, student and teacher")
+            install_feature_dropout(self, "student and teacher")
         # the teacher is a copy of the student, hooks included
         self.teacher = EMATeacher(self.network, self.ema_decay, self.ema_warmup, self.ema_teacher_train_mode)
 
