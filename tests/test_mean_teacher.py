@@ -561,10 +561,11 @@ def test_feature_dropout_control_is_nnunet_with_the_students_dropout_only(synthe
         with torch.no_grad():
             outs.append(late_net(x)[0])
     assert torch.equal(*outs)
-    bad = make_trainer(nnUNetTrainerFeatureDropout, synthetic_plans)
-    bad.feature_dropout = 1.0
-    with pytest.raises(UserFacingError, match="nnUNetTrainerFeatureDropout.feature_dropout"):
-        bad.initialize()
+    for p in (1.0, -0.1):
+        bad = make_trainer(nnUNetTrainerFeatureDropout, synthetic_plans)
+        bad.feature_dropout = p
+        with pytest.raises(UserFacingError, match="nnUNetTrainerFeatureDropout.feature_dropout"):
+            bad.initialize()
 
 
 def test_uamt_logs_mc_spread_and_uncertainty_where_the_teacher_is_wrong(synthetic_plans):

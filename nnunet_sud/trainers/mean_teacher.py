@@ -81,5 +81,4 @@ class nnUNetTrainerFeatureDropout(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
-        if self.feature_dropout > 0:
-            install_feature_dropout(self, "the segmenter (supervised only)")
+        install_feature_dropout(self, "the segmenter (supervised only)")

@@ -98,11 +98,13 @@ def add_feature_dropout(module: nn.Module, p: float) -> list:
 def install_feature_dropout(trainer, where: str) -> None:
     """``add_feature_dropout`` with ``trainer.feature_dropout`` on the trainer's (unwrapped) network, at
     ``initialize``; a bad probability or a network that is not an nnU-Net U-Net stops with the
-    trainer's name and the setting. ``where`` goes into the training log line."""
+    trainer's name and the setting; p = 0 adds nothing. ``where`` goes into the training log line."""
     name, p = type(trainer).__name__, trainer.feature_dropout
     if not 0.0 <= float(p) < 1.0:
         raise UserFacingError(f"{name}.feature_dropout (the dropout probability of {where}) must be in [0, 1), "
                               f"got {p}")
+    if p == 0:
+        return
     try:
         add_feature_dropout(unwrap_network(trainer.network), float(p))
     except ValueError as e:
