@@ -174,3 +174,57 @@ def test_lambda_zero_gives_the_same_update_as_nnunet_trainer(synthetic_plans, tm
         assert out_t["unlabeled_weight"] == 0 and math.isfinite(out_t["unlabeled_loss"])
     for (n, p), (_, q) in zip(base.network.named_parameters(), te.network.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def _two_train_passes(trainer):
+    """Two train-mode forward passes (full-resolution output) of the trainer's network on one input."""
+    from nnunet_sud.network_helpers import unwrap_network
+    net = unwrap_network(trainer.network)
+    net.train()
+    x = torch.randn(2, 1, *trainer.configuration_manager.patch_size, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = net(x)
+        outs.append(out[0] if isinstance(out, (list, tuple)) else out)
+    return net, outs
+
+
+def test_sud_family_feature_dropout_is_off_by_default_and_a_late_setting_turns_it_on(synthetic_plans):
+    """SUD and TE keep the paper's deterministic segmenter (two train passes agree); the _featureDropout
+    variants (p = 0.5, the perturbation of Laine and Aila's temporal ensembling) perturb every train
+    pass and leave the state dict as it was (nnUNetv2_predict loads the model as usual); a user's
+    subclass setting feature_dropout after __init__ is honoured at initialize; p = 1 names the setting."""
+    from nnunet_sud.errors import UserFacingError
+    from nnunet_sud.trainers import (nnUNetTrainerSUD, nnUNetTrainerSUD_lambda1_featureDropout, nnUNetTrainerTE,
+                                     nnUNetTrainerTE_lambda1, nnUNetTrainerTE_lambda1_featureDropout)
+    for cls in (nnUNetTrainerSUD, nnUNetTrainerTE, nnUNetTrainerTE_lambda1):
+        t = make_trainer(cls, synthetic_plans, initialize=True)
+        assert t.feature_dropout == 0, cls.__name__
+        _, (o1, o2) = _two_train_passes(t)
+        assert torch.equal(o1, o2), cls.__name__
+    plain_keys = list(make_trainer(nnUNetTrainerTE_lambda1, synthetic_plans, initialize=True).network.state_dict())
+    for cls in (nnUNetTrainerTE_lambda1_featureDropout, nnUNetTrainerSUD_lambda1_featureDropout):
+        t = make_trainer(cls, synthetic_plans, initialize=True)
+        assert t.feature_dropout == 0.5 and t.lambda_max == 1, cls.__name__
+        net, (o1, o2) = _two_train_passes(t)
+        assert not torch.allclose(o1, o2), cls.__name__
+        assert list(t.network.state_dict()) == plain_keys
+        net.eval()
+        x = torch.randn(1, 1, *t.configuration_manager.patch_size)
+        with torch.no_grad():
+            e1, e2 = net(x), net(x)
+        assert torch.equal(e1[0], e2[0])  # eval mode (prediction): no dropout
+    # SUD keeps the paper's beta = 0.2 / lambda_max; TE has none
+    assert make_trainer(nnUNetTrainerSUD_lambda1_featureDropout, synthetic_plans).beta == pytest.approx(0.2)
+    assert make_trainer(nnUNetTrainerTE_lambda1_featureDropout, synthetic_plans).beta == 0
+    late = make_trainer(nnUNetTrainerTE_lambda1, synthetic_plans)
+    late.feature_dropout = 0.5  # a user's variant after super().__init__()
+    late.initialize()
+    _, (o1, o2) = _two_train_passes(late)
+    assert not torch.allclose(o1, o2)
+    bad = make_trainer(nnUNetTrainerTE, synthetic_plans)
+    bad.feature_dropout = 1.0
+    with pytest.raises(UserFacingError, match="feature_dropout"):
+        bad.initialize()

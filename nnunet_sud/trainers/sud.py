@@ -53,7 +53,7 @@ from nnunet_sud.targets.store import SoftTargetStore
 from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 from nnunet_sud.trainers.settings import DerivedDefault
-from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
+from nnunet_sud.trainers.teacher import install_feature_dropout, nnUNetTrainerMeanTeacherBase
 
 STORE_DIR = "soft_targets"
 
@@ -135,6 +135,11 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
     keep_soft_targets: bool = False
     #: snapshot the store with checkpoint_best too (exact --c from best; costs a copy per new best)
     snapshot_store_for_best: bool = True
+    #: channel dropout p on the bottleneck and before the output layer (``teacher.add_feature_dropout``),
+    #: in train mode only, so the labeled loss and f both see it: the perturbation of Laine and Aila's
+    #: temporal ensembling ("Temporal ensembling for semi-supervised learning", ICLR 2017). 0 (default,
+    #: the SUD paper's segmenter): none. Read at ``initialize``
+    feature_dropout: float = 0.0
 
     extra_log_keys = ("alpha", "beta", "target_new_fraction")
 
@@ -150,6 +155,10 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
         self._store_snapshot = None
 
     # ------------------------------------------------------------------ set-up
+    def initialize(self):
+        super().initialize()
+        install_feature_dropout(self, "the segmenter")  # here: --c initializes before on_train_start
+
     def prepare_method(self):
         super().prepare_method()
         self.load_label_denoiser()

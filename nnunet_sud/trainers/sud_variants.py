@@ -1,7 +1,7 @@
 """One-line variants of SUD for the paper's ablations (Young et al., Fig. 5: beta sweep at
 lambda_max = 4; lambda_max; the kidney task's soft Dice + KL) and the plain-sum Dice (nnU-Net's
 form, whose optimum is a thresholded target: SUD/TE as hard pseudo-label sharpening), and TE at
-smaller lambda_max."""
+smaller lambda_max, with and without the feature dropout of the mean-teacher family."""
 # the trainers, registered in nnunet_sud.trainers
 __all__ = [
     "nnUNetTrainerSUD_beta0p01",
@@ -16,6 +16,8 @@ __all__ = [
     "nnUNetTrainerSUD_KL",
     "nnUNetTrainerTE_lambda0p5",
     "nnUNetTrainerTE_lambda1",
+    "nnUNetTrainerTE_lambda1_featureDropout",
+    "nnUNetTrainerSUD_lambda1_featureDropout",
     "nnUNetTrainerSUD_plainDice",
     "nnUNetTrainerTE_plainDice",
     "nnUNetTrainerSUDMeanTeacher_plainDice",
@@ -77,6 +79,20 @@ class nnUNetTrainerTE_lambda1(nnUNetTrainerTE):
     pool validation frames and +0.044 on the test frames, with the same over-segmentation
     (docs/benchmarks.md, "TE at lambda_max = 1")."""
     lambda_max = 1.0
+
+
+class nnUNetTrainerTE_lambda1_featureDropout(nnUNetTrainerTE_lambda1):
+    """TE at lambda_max = 1 with channel dropout p = 0.5 (bottleneck and before the output layer), as
+    Laine and Aila's temporal ensembling perturbs its network. Compare with
+    ``nnUNetTrainerFeatureDropout`` (the same dropout, labeled images only): the difference is what
+    the unlabeled images add."""
+    feature_dropout = 0.5
+
+
+class nnUNetTrainerSUD_lambda1_featureDropout(nnUNetTrainerSUD_lambda1):
+    """SUD at lambda_max = 1 (the paper's beta = 0.2 / lambda_max = 0.2) with the dropout of
+    ``nnUNetTrainerTE_lambda1_featureDropout``: against it, what the denoiser adds."""
+    feature_dropout = 0.5
 
 
 class nnUNetTrainerSUD_plainDice(nnUNetTrainerSUD):
