@@ -6,7 +6,8 @@ augmentation or test-time mirroring:
 
     f                 the segmenter's softmax (nnU-Net's sliding window)
     a(f)              the denoiser on f (SUD's spatial denoising, Young et al. eq. 8 with beta = 1)
-    SUD mix           0.05 a(f) + 0.95 f (SUD's default beta = 0.2 / lambda_max)
+    SUD mix           beta a(f) + (1 - beta) f, ``--beta`` (default 0.05: SUD's beta = 0.2 / lambda_max at
+                      its default lambda_max 4; 0.2 for the ``_lambda1`` variants)
     a(a(a(f)))        three noise-free denoiser passes (SUD^2's multi-step change alone)
     a(F_1(f))         one pass after noise sigma = 1 (SUD^2's eq. 9, Chan, Young, Metzler)
     R(F(f))           three passes at sigma 1, 0.5, 0 (SUD^2's multi-step denoising)
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MAPS = ("f", "a(f)", "SUD mix 0.05", "a(a(a(f)))", "a(F_1(f))", "R(F(f)) 1,.5,0")
+MAPS = ("f", "a(f)", "SUD mix", "a(a(a(f)))", "a(F_1(f))", "R(F(f)) 1,.5,0")
 
 
 def select_cases(keys, group_regex, every):
@@ -87,11 +88,15 @@ def main(argv=None):
                          "compare segmenters on the pool validation split)")
     ap.add_argument("--group-regex", default=None, help="regex whose group 1 names a case's group (patient)")
     ap.add_argument("--every", type=int, default=1, help="use every N-th group of the labelled unlabeled cases")
+    ap.add_argument("--beta", type=float, default=0.05,
+                    help="share of a(f) in the SUD mix row (the segmenter's trainer's beta; default 0.05)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise of the noisy variants")
     ap.add_argument("--far-mm", type=float, default=15.0,
                     help="false positives of f farther than this (mm, in-plane) from the reference count as far")
     ap.add_argument("-o", default=None, help="write per-case results to this JSON file")
     a = ap.parse_args(argv)
+    if not 0.0 <= a.beta <= 1.0:
+        ap.error(f"--beta must be in [0, 1] (the share of a(f) in SUD's target), got {a.beta}")
 
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -148,7 +153,7 @@ def main(argv=None):
             maps = {"f": fp}
             if ev is not None:
                 af = denoise(fp)
-                maps.update({"a(f)": af, "SUD mix 0.05": 0.05 * af + 0.95 * fp, "a(a(a(f)))": denoise(denoise(af)),
+                maps.update({"a(f)": af, "SUD mix": a.beta * af + (1 - a.beta) * fp, "a(a(a(f)))": denoise(denoise(af)),
                              "a(F_1(f))": denoise(fp, 1.0), "R(F(f)) 1,.5,0": denoise(denoise(denoise(fp, 1.0), 0.5))})
         for m, v in maps.items():
             v = v[crop]
@@ -171,9 +176,10 @@ def main(argv=None):
           "| mean TV distance to a(f) |")
     print("|---|---|---:|---|---|---:|")
     for m in names_of_maps:
+        row = f"SUD mix, beta {a.beta:g}" if m == "SUD mix" else m
         pc = np.nanmean(np.array(per_case[m], float), 0)
         pooled = 2 * inter[m] / (total[m] + ref_total)
-        print(f"| {m} | {'/'.join(f'{v:.3f}' for v in pc)} | {np.nanmean(pc):.3f} | "
+        print(f"| {row} | {'/'.join(f'{v:.3f}' for v in pc)} | {np.nanmean(pc):.3f} | "
               f"{'/'.join(f'{v:.3f}' for v in pooled)} | {'/'.join(f'{v:.2f}' for v in total[m] / ref_total)} "
               f"| {np.mean(move[m]):.4f} |")
     print(f"\nWhere f's false positives are (any foreground class predicted where the reference is background): "
@@ -186,7 +192,7 @@ def main(argv=None):
           "on slices with reference foreground")
     if a.o:
         with open(a.o, "w") as fh:
-            json.dump({"trainer": a.tr, "cases": keys, "labels": labels, "per_case": per_case, "move": move}, fh)
+            json.dump({"trainer": a.tr, "beta": a.beta, "cases": keys, "labels": labels, "per_case": per_case, "move": move}, fh)
 
 
 if __name__ == "__main__":
