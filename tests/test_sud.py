@@ -85,6 +85,26 @@ def test_beta0_is_temporal_ensembling_and_alpha1_beta1_is_the_red_step(sud):
     assert torch.allclose(z3, torch.softmax(L, 1).expand_as(z3), atol=1e-6)  # z = a(f)
 
 
+def test_spatial_only_variant_ignores_the_stored_history(synthetic_plans, tmp_path):
+    """alpha = 1 at every progress: a second visit's target is beta a(f2) + (1 - beta) f2, not a mix with
+    the first visit's target, and the store then holds that target."""
+    from nnunet_sud.trainers import nnUNetTrainerSUD_lambda1_featureDropout_spatialOnly as Spatial
+    t = make_trainer(Spatial, synthetic_plans)
+    t.store = SoftTargetStore(str(tmp_path / "store"), 4, dtype=np.float32)
+    assert [t.alpha(p) for p in (0, 0.5, 1)] == [1, 1, 1]
+    assert t.beta == pytest.approx(0.2) and t.feature_dropout == 0.5 and t.lambda_max == 1
+    case = (2, 3, 4)
+    L = torch.tensor([0.0, 2.0, -1.0, 1.0]).reshape(1, 4, 1, 1, 1)
+    t.denoiser = ConstantDenoiser(L)
+    a = torch.softmax(L, 1).expand(1, 4, *case)
+    b = whole_case_batch("u2", case)
+    f1, f2 = probs((1, 4, *case), 5), probs((1, 4, *case), 6)
+    for f in (f1, f2, f2):
+        z = t.soft_targets(f, b, alpha=t.alpha(0.9))
+        assert torch.allclose(z, 0.2 * a + 0.8 * f, atol=1e-6)
+        assert np.allclose(t.store.load_case("u2"), z[0].numpy(), atol=1e-6)
+
+
 def test_sud_mean_teacher_target_is_the_denoised_teacher_prediction(synthetic_plans):
     from nnunet_sud.trainers import nnUNetTrainerSUDMeanTeacher
     t = make_trainer(nnUNetTrainerSUDMeanTeacher, synthetic_plans)

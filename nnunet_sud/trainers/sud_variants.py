@@ -18,11 +18,15 @@ __all__ = [
     "nnUNetTrainerTE_lambda1",
     "nnUNetTrainerTE_lambda1_featureDropout",
     "nnUNetTrainerSUD_lambda1_featureDropout",
+    "nnUNetTrainerSUD_lambda1_featureDropout_spatialOnly",
     "nnUNetTrainerSUD_plainDice",
     "nnUNetTrainerTE_plainDice",
     "nnUNetTrainerSUDMeanTeacher_plainDice",
 ]
 
+import torch
+
+from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.trainers.sud import nnUNetTrainerSUD, nnUNetTrainerSUDMeanTeacher, nnUNetTrainerTE
 
 
@@ -93,6 +97,21 @@ class nnUNetTrainerSUD_lambda1_featureDropout(nnUNetTrainerSUD_lambda1):
     """SUD at lambda_max = 1 (the paper's beta = 0.2 / lambda_max = 0.2) with the dropout of
     ``nnUNetTrainerTE_lambda1_featureDropout``: against it, what the denoiser adds."""
     feature_dropout = 0.5
+
+
+class nnUNetTrainerSUD_lambda1_featureDropout_spatialOnly(nnUNetTrainerSUD_lambda1_featureDropout):
+    """SUD's spatial half alone: alpha = 1 all through training, so the target is the denoised mix of the
+    same pass, z_n = beta a(f_n) + (1 - beta) f_n (beta = 0.2), and the stored history never enters it.
+    With eq. 15's Dice the (1 - beta) f_n share gives no gradient at f = z: the unlabeled loss pulls f
+    a fifth of the way towards a(f), under the dropout. A diagnostic, not the paper's method: on acdc3
+    SUD with the dropout lost the RV through its history-heavy late targets while a(f) added RV on the
+    pool frames (docs/benchmarks.md); this variant tells the two halves apart. The store is still
+    written (alpha = 1 replaces the stored target), so logs and ``--c`` work as in SUD."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.alpha = LinearRamp(1.0, 1.0)
 
 
 class nnUNetTrainerSUD_plainDice(nnUNetTrainerSUD):
