@@ -202,3 +202,39 @@ def test_region_based_labels_are_refused_before_training(synthetic_plans):
     with pytest.raises(UserFacingError, match=r"nnUNetTrainerDMNet needs mutually exclusive classes .*region-based"):
         make_trainer(nnUNetTrainerDMNet, synthetic_plans, dataset_edit=lambda ds: ds.update(
             labels=regions, regions_class_order=[1, 2]))
+
+
+def test_supervised_control_trains_both_decoders_on_labels_alone(synthetic_plans):
+    """Supervised DMNet without adv: DMNet's network, nnU-Net's step on the labeled batch alone, loss =
+    nnU-Net's loss on each decoder summed, no unlabeled stream and no discriminator; the step moves both
+    decoders."""
+    from nnunet_sud.trainers import nnUNetTrainerDMNet_supervised
+    from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
+    torch.manual_seed(0)
+    t = make_trainer(nnUNetTrainerDMNet_supervised, synthetic_plans)
+    assert not isinstance(t, nnUNetTrainerSemiSupervised) and not hasattr(t, "discriminator")
+    t.initialize()
+    assert isinstance(t.network, DualDecoderUNet)
+    patch = tuple(t.configuration_manager.patch_size)
+    g = torch.Generator().manual_seed(2)
+    seg = torch.randint(0, 4, (2, 1, *patch), generator=g).float()
+    target = [seg if i == 0 else nn.functional.interpolate(seg, scale_factor=tuple(s), mode="nearest")
+              for i, s in enumerate(t._get_deep_supervision_scales())]
+    batch = {"data": torch.randn((2, 1, *patch), generator=g), "target": target}
+    before = {k: v.clone() for k, v in t.network.state_dict().items()}
+    with torch.no_grad():
+        o = t.network(batch["data"])
+        inner = t.loss.loss  # DualDecoderLoss -> nnU-Net's deep-supervision loss
+        expected = (inner(o.first, target) + inner(o.second, target)).item()
+        single = inner(o.first, target).item()
+    out = t.train_step(batch)
+    assert float(out["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert expected > single * 1.5  # really the sum over two decoders, not one
+    after = t.network.state_dict()
+    for part in ("encoder.", "decoder.first.", "decoder.second."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(part)), part
+    # regions cannot be averaged as softmaxes: refused before training, naming the trainer
+    regions = {"background": 0, "whole": [1, 2, 3], "core": [2, 3]}
+    with pytest.raises(UserFacingError, match=r"nnUNetTrainerDMNet_supervised needs mutually exclusive classes"):
+        make_trainer(nnUNetTrainerDMNet_supervised, synthetic_plans, dataset_edit=lambda ds: ds.update(
+            labels=regions, regions_class_order=[1, 2]))

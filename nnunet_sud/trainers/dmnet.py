@@ -47,7 +47,9 @@ What is nnU-Net's here, and the choices where the paper is silent or the transfe
   are in ``network_weights``; the discriminator is in the checkpoint's extra state.
 
 Variants (the paper's ablations, Table 3): ``_noAdv`` (DMNet wo adv), ``_noSharpen`` (DMNet wo
-sharpen, T = 1), ``_noAdvNoSharpen``.
+sharpen, T = 1), ``_noAdvNoSharpen``, and ``_supervised`` (Supervised DMNet without adv: the two
+decoders on the labeled cases alone, the control that separates what the unlabeled data add from
+what the two-decoder ensemble adds).
 """
 # the trainers, registered in nnunet_sud.trainers
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "nnUNetTrainerDMNet_noAdv",
     "nnUNetTrainerDMNet_noSharpen",
     "nnUNetTrainerDMNet_noAdvNoSharpen",
+    "nnUNetTrainerDMNet_supervised",
 ]
 
 import math
@@ -254,8 +257,28 @@ def build_dual_decoder_unet(plans_manager, configuration_manager, num_input_chan
     return DualDecoderUNet(encoder, decoder, second)
 
 
+class DualDecoderMixin:
+    """DMNet's network for an nnU-Net trainer: ``DualDecoderUNet`` from the plans (also what
+    ``nnUNetv2_predict`` builds) and nnU-Net's loss on each decoder, summed (``DualDecoderLoss``).
+    Averaging two softmaxes needs mutually exclusive classes: region-based labels stop the constructor."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        require_exclusive_classes(self.label_manager, type(self).__name__)
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return build_dual_decoder_unet(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                       enable_deep_supervision)
+
+    def _build_loss(self):
+        return DualDecoderLoss(super()._build_loss())
+
+
 # ---------------------------------------------------------------------- the trainer
-class nnUNetTrainerDMNet(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainerSemiSupervised):
+class nnUNetTrainerDMNet(DualDecoderMixin, DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainerSemiSupervised):
     """DMNet (module doc). Variants change ``adversarial``/``temperature``."""
 
     #: the losses read batch_u['valid'] only: no case coordinates through the augmentation (issue 17)
@@ -279,17 +302,7 @@ class nnUNetTrainerDMNet(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainerSem
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        require_exclusive_classes(self.label_manager, type(self).__name__)
         self.unlabeled_weight = Constant(1.0)  # the lambdas are inside L_unl
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_dual_decoder_unet(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                       enable_deep_supervision)
-
-    def _build_loss(self):
-        return DualDecoderLoss(super()._build_loss())
 
     def needs_discriminator(self) -> bool:
         return self.adversarial and self.lambda1 > 0
@@ -351,3 +364,13 @@ class nnUNetTrainerDMNet_noSharpen(nnUNetTrainerDMNet):
 class nnUNetTrainerDMNet_noAdvNoSharpen(nnUNetTrainerDMNet_noAdv):
     """DMNet wo adv wo sharpen (Table 3)."""
     temperature = 1.0
+
+
+class nnUNetTrainerDMNet_supervised(DualDecoderMixin, nnUNetTrainer):
+    """Supervised DMNet without adv (Table 3): DMNet's network and L_dice on the labeled cases alone.
+
+    Shared encoder, decoder 1 and decoder 2 as ``nnUNetTrainerDMNet``; loss sum_i L_seg(Y_i(X), Y)
+    (``DualDecoderLoss``), no unlabeled stream, no L_semi, no discriminator; inference averages the
+    decoders' softmaxes. What DMNet gains over this trainer is what its unlabeled terms add; what
+    this trainer gains over ``nnUNetTrainer`` is the second decoder's (an ensemble of two decoders).
+    """
