@@ -11,6 +11,8 @@ augmentation or test-time mirroring:
     a(a(a(f)))        three noise-free denoiser passes (SUD^2's multi-step change alone)
     a(F_1(f))         one pass after noise sigma = 1 (SUD^2's eq. 9, Chan, Young, Metzler)
     R(F(f))           three passes at sigma 1, 0.5, 0 (SUD^2's multi-step denoising)
+    a(y)              the denoiser on the reference label map itself: does it keep clean maps it never
+                      saw (issue 12's sigma = 0 check, here on held-out maps)
 
 and prints, per map, the mean per-case Dice per class, the pooled Dice and the pooled volume over the
 reference volume (over-segmentation) against the labels, plus the mean total-variation distance of
@@ -36,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MAPS = ("f", "a(f)", "SUD mix", "a(a(a(f)))", "a(F_1(f))", "R(F(f)) 1,.5,0")
+MAPS = ("f", "a(f)", "SUD mix", "a(a(a(f)))", "a(F_1(f))", "R(F(f)) 1,.5,0", "a(y)")
 
 
 def select_cases(keys, group_regex, every):
@@ -155,6 +157,8 @@ def main(argv=None):
                 af = denoise(fp)
                 maps.update({"a(f)": af, "SUD mix": a.beta * af + (1 - a.beta) * fp, "a(a(a(f)))": denoise(denoise(af)),
                              "a(F_1(f))": denoise(fp, 1.0), "R(F(f)) 1,.5,0": denoise(denoise(denoise(fp, 1.0), 0.5))})
+                y = torch.nn.functional.one_hot(torch.from_numpy(seg).long(), f.shape[0]).movedim(-1, 0).float()
+                maps["a(y)"] = denoise(pad_to_patch(y, patch)[0])
         for m, v in maps.items():
             v = v[crop]
             move[m].append(float((v - af[crop]).abs().sum(0).mean() / 2) if ev is not None else float("nan"))
