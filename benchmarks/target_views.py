@@ -60,6 +60,18 @@ def pad_to_patch(p: torch.Tensor, patch):
     return out, tuple(crop)
 
 
+def denoise_case(ev, p: torch.Tensor, sigma: float = 0.0, generator=None) -> torch.Tensor:
+    """The denoiser's softmax for a whole case ``p`` (C, Z, *S) of a 2d configuration (``ev``: a
+    ``DenoiserEvaluator``). Its input is what it was trained on, slice by slice: the clipped-log
+    encoding (``denoiser_input``; sigma = 0) or the training corruption with 2d noise per slice
+    (``corrupt_probabilities``, sigma > 0, s = 1); both normalise over the class axis, which is axis 1
+    of the (Z, C, *S) slice batch."""
+    from nnunet_sud.denoiser.corruption import corrupt_probabilities, denoiser_input
+    slices = p.transpose(0, 1)
+    x = corrupt_probabilities(slices, sigma, 1.0, generator=generator) if sigma > 0 else denoiser_input(slices)
+    return torch.softmax(ev.denoise(x.transpose(0, 1)), 0)
+
+
 def count_false_positives(acc: dict, pred_fg: np.ndarray, ref_fg: np.ndarray, in_plane, far_mm: float) -> None:
     """Add one case's false-positive locations to ``acc``: per slice (axis 0) of the (Z, Y, X)
     foreground masks, false positives on slices without reference foreground, and those farther
@@ -104,7 +116,6 @@ def main(argv=None):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-    from nnunet_sud.denoiser.corruption import corrupt_probabilities, denoiser_input
     from nnunet_sud.denoiser.evaluation import DenoiserEvaluator
     from nnunet_sud.denoiser.loading import load_denoiser_checkpoint
     from nnunet_sud.unlabeled.loader import cases_with_labels, open_case_label, unlabeled_identifiers
@@ -132,10 +143,8 @@ def main(argv=None):
     labels = [int(x) for x in pred.label_manager.foreground_labels]
     gen = torch.Generator().manual_seed(a.seed)
 
-    def denoise(p, sigma=0.0):  # whole case (C, Z, *S); 2d noise per slice as in the denoiser's training
-        x = corrupt_probabilities(p.transpose(0, 1), sigma, 1.0, generator=gen).transpose(0, 1) if sigma > 0 \
-            else denoiser_input(p)
-        return torch.softmax(ev.denoise(x), 0)
+    def denoise(p, sigma=0.0):
+        return denoise_case(ev, p, sigma, gen)
 
     per_case = {m: [] for m in names_of_maps}
     move = {m: [] for m in names_of_maps}
