@@ -15,9 +15,11 @@ nnU-Net changes a trainer's schedule with a subclass that sets ``num_epochs``,
 A module of such classes in a folder listed in ``nnUNet_extTrainer`` makes
 ``nnUNetv2_train ... -tr nnUNetTrainerSUD_short`` work (:func:`variants_source` writes one).
 """
+import random
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 
@@ -83,19 +85,53 @@ class BudgetVariant:
                                f"False)); predict the test cases with nnUNetv2_predict instead")
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators of this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class SeededVariant:
+    """Mixin, listed first: seeds Python, NumPy and torch with the class attribute ``seed`` before the
+    trainer is built, so that what nnU-Net draws in the training process (the network's initial
+    weights; the unlabeled stream's worker seeds, drawn from NumPy) repeats for the same seed.
+    What stays non-deterministic: nnU-Net's labeled-stream workers reseed themselves from the
+    operating system (``NonDetMultiThreadedAugmenter`` with ``seeds=None``), batches of both streams
+    arrive in the order the workers finish them, and threaded CPU / cuDNN kernels may sum in
+    another order. A resumed training (``--c``) reseeds with the same seed."""
+    seed: Optional[int] = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"{type(self).__name__}: set the class attribute seed = <int>")
+        seed_everything(self.seed)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
 def variants_source(budgets: Dict[str, Tuple[int, int]], val_iterations: int, suffix: str,
-                    final_validation: bool = True, purpose: str = "") -> str:
+                    final_validation: bool = True, purpose: str = "",
+                    runs: Optional[Dict[str, int]] = None) -> str:
     """Source of a module defining ``<trainer><suffix>(BudgetVariant, <trainer>)`` for each
     ``trainer: (epochs, iterations)``, all with ``val_iterations`` validation batches; written into a
-    folder of ``nnUNet_extTrainer`` it makes the variants trainable by name."""
+    folder of ``nnUNet_extTrainer`` it makes the variants trainable by name. With ``runs``
+    (``{run suffix: seed}``), each trainer instead gets one seeded variant per run,
+    ``<trainer><suffix><run suffix>(SeededVariant, BudgetVariant, <trainer>)`` (repeated trainings
+    of one budget, each in its own model folder)."""
     lines = [f'"""Training budgets{(" of " + purpose) if purpose else ""}: a user\'s own trainer variants '
              '(written by nnunet_sud.budget.variants_source)."""',
              "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: F401",
-             "from nnunet_sud.budget import Budget, BudgetVariant",
+             "from nnunet_sud.budget import Budget, BudgetVariant, SeededVariant  # noqa: F401",
              "from nnunet_sud.trainers import *  # noqa: F401,F403", ""]
     for t, (epochs, iters) in budgets.items():
-        lines += [f"class {t}{suffix}(BudgetVariant, {t}):",
-                  f"    budget = Budget(epochs={int(epochs)}, iterations={int(iters)}, "
-                  f"val_iterations={int(val_iterations)}, final_validation={bool(final_validation)})", "", ""]
+        budget = (f"    budget = Budget(epochs={int(epochs)}, iterations={int(iters)}, "
+                  f"val_iterations={int(val_iterations)}, final_validation={bool(final_validation)})")
+        if runs is None:
+            lines += [f"class {t}{suffix}(BudgetVariant, {t}):", budget, "", ""]
+            continue
+        for run_suffix, seed in runs.items():
+            lines += [f"class {t}{suffix}{run_suffix}(SeededVariant, BudgetVariant, {t}):", budget,
+                      f"    seed = {int(seed)}", "", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 

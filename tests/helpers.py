@@ -93,3 +93,13 @@ def write_synthetic_plans(preprocessed_root: str, dataset_name: str) -> str:
         os.makedirs(data, exist_ok=True)
         open(os.path.join(data, "no_cases.b2nd"), "w").close()
     return folder
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` of this checkout (the scripts are not a package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(TESTS_DIR), "benchmarks", name + ".py")
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
