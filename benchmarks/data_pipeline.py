@@ -1,6 +1,6 @@
 """Cost of the data pipeline of every nnunet_sud trainer against nnUNetTrainer's, side by side.
 
-Two questions of issue 17 ("the unlabeled stream must not starve a GPU"), with its goals:
+Two questions ("the unlabeled stream must not starve a GPU"), with their goals:
 
 1. **One augmentation worker.** Batches per second of ``loader.generate_train_batch()`` (loading,
    cropping, the trainer's real training transforms), measured in this process -- exactly what one
@@ -309,8 +309,8 @@ def store_at_gpu_scale(patch, batch: int, classes: int, steps: int, gpu_step_s: 
     on ``device`` (the trainer moves the unlabeled batch there). ``warped``: patches rotated by 10
     degrees about z (the inverse-affine path), else plain crops. Modes: synchronous (no background
     thread: prefetch does nothing), write-behind (what SUD uses) and, for crops, write-behind with the
-    per-voxel path instead of the whole-block one (``SoftTargetStore.fast_crops = False``, the store
-    before issue 17's fix). Returns {mode: (median seconds per step in the calls, seconds per step
+    per-voxel path instead of the whole-block one (``SoftTargetStore.fast_crops = False``, the store's
+    former crop path). Returns {mode: (median seconds per step in the calls, seconds per step
     copying blocks out of and into the case files, in any thread: ``SoftTargetStore.file_seconds``,
     the part that stays on the CPU when the arithmetic runs on a GPU)}; the first ``batch`` steps
     (new case files) are left out."""

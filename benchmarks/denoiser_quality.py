@@ -2,7 +2,7 @@
 
 The SUD paper's Table 1 / Fig. 7 experiment (Young et al., "SUD: Supervision by Denoising", §3.4)
 on LA_lite (left atrium, binary, 3D MRI) and ACDC_lite (RV / myocardium / LV, cine MRI) label maps
-(see /work/shared/data/README.md), for the label maps a semi-supervised run actually has:
+(folders with ``images/``, ``labels/``, ``train.list``, ``val.list``), for the label maps a semi-supervised run actually has:
 
 =========  ==================================================  ===============================
 setting    denoiser training maps                              held-out maps (reported)
@@ -30,8 +30,8 @@ were chosen on. The held-out maps are never used for choosing anything.
 
 Example (the run reported in docs/denoiser.md)::
 
-    python benchmarks/denoiser_quality.py --acdc /work/shared/data/ACDC_lite --la /work/shared/data/LA_lite \\
-        --work /work/denoiser_work/bench
+    python benchmarks/denoiser_quality.py --acdc /data/ACDC_lite --la /data/LA_lite \\
+        --work /scratch/denoiser_quality
 
 Everything is written below ``--work`` (its own nnUNet_raw / _preprocessed / _results), so
 nothing of an existing nnU-Net set-up is touched. ``--threads`` (default 1) sets torch's CPU

@@ -1,4 +1,4 @@
-"""How much foreground each soft-target loss adds when the targets are noisy (docs/benchmarks.md, SUD-MT).
+"""How much foreground each soft-target loss adds when the targets are noisy (docs/sud.md, the soft Dice).
 
 A 1d toy problem, two classes (background, a blob with soft edges): free per-voxel logits are fitted
 with Adam to a target that is resampled at every step, z = softmax(log(clean) + noise), as a

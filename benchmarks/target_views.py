@@ -12,19 +12,20 @@ augmentation or test-time mirroring:
     a(F_1(f))         one pass after noise sigma = 1 (SUD^2's eq. 9, Chan, Young, Metzler)
     R(F(f))           three passes at sigma 1, 0.5, 0 (SUD^2's multi-step denoising)
     a(y)              the denoiser on the reference label map itself: does it keep clean maps it never
-                      saw (issue 12's sigma = 0 check, here on held-out maps)
+                      saw (the sigma = 0 check of the denoiser's validation, here on held-out maps)
 
 and prints, per map, the mean per-case Dice per class, the pooled Dice and the pooled volume over the
 reference volume (over-segmentation) against the labels, plus the mean total-variation distance of
 each map to a(f) (how far a variant moves the target), and where f's false positives lie (on
 slices without reference foreground, or farther than ``--far-mm`` from it). Without ``--denoiser``
-only f is scored: segmenters compared on the pool validation split.
-Use it on a validation split of the training pool (unlabeled cases whose labels were withheld),
-never on the test cases. Example (acdc3 of docs/benchmarks.md; every 7th unlabeled patient):
+only f is scored: segmenters compared on the same cases.
+Use it on unlabeled cases of the training pool whose labels were withheld (``labelsUnlabeled``),
+never on the test cases. Example (the acdc3 setting of ``benchmarks/ssl_quality.py``, run 1; every
+7th unlabeled patient):
 
     nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=... nnUNet_extTrainer=... \\
-    python benchmarks/target_views.py -d 611 -c 2d -f all -tr nnUNetTrainerSUD_bench \\
-        --denoiser $nnUNet_results/Dataset611_SSLQ_acdc3/nnUNetTrainerLabelDenoiser_bench__nnUNetPlans__2d/fold_all \\
+    python benchmarks/target_views.py -d 611 -c 2d -f all -tr nnUNetTrainerSUD_bench_run1 \\
+        --denoiser $nnUNet_results/Dataset611_SSLQ_acdc3/nnUNetTrainerLabelDenoiser_bench_run1__nnUNetPlans__2d/fold_all \\
         --group-regex '^(patient\\d+)_' --every 7
 """
 import argparse

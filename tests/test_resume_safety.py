@@ -1,4 +1,4 @@
-"""A killed training can always go on (issue 15, items 3-4).
+"""A killed training can always go on.
 
 * Checkpoints are written under temporary names and renamed together: a crash while saving keeps
   the previous checkpoint, its extra state and its soft-target snapshot, loadable as they were.

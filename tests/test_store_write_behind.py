@@ -1,4 +1,4 @@
-"""The soft-target store's write-behind (updates applied by a background thread, issue 17): the
+"""The soft-target store's write-behind (updates applied by a background thread): the
 files, reads and snapshots are exactly those of the synchronous store, a failure in the background
 reaches the caller, and the thread ends with close()."""
 import os

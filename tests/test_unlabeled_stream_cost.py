@@ -1,4 +1,4 @@
-"""The cheaper unlabeled stream of issue 17: the coordinate channels built by broadcasting equal the
+"""The cheaper unlabeled stream: the coordinate channels built by broadcasting equal the
 meshgrid definition, and a stream without coordinates (``carry_coordinates = False``, trainers that
 read only ``valid``) delivers the same data, valid and seg under the same seeds."""
 import numpy as np
