@@ -234,7 +234,7 @@ def test_self_training_rows_run_the_command_from_the_runs_baseline_and_score_eve
 def test_runs_are_seeded_variants_scored_once_per_split_into_result_files(tmp_path, monkeypatch):
     """Each run is its own seeded variant (``T_bench_run<k>``, seed k); a model is scored on the
     validation split by default and on the test split only with --test, each once; the result file
-    holds the schema docs/benchmarks.md describes, with every case and class of the split; --test
+    holds the schema of ssl_quality.py's docstring, with every case and class of the split; --test
     refuses a model that is not trained instead of training it."""
     import importlib
     import sys

@@ -16,8 +16,7 @@ marks a voxel *valid* when it stays above ``VALID_THRESHOLD``: every input voxel
 contributed lay inside the case (and hence inside the box).
 
 Exact path (the default where the pipeline allows). Interpolating five channels of the box costs
-the worker more than the image itself: it made an unlabeled batch cost 1.32x a labeled one
-(docs/benchmarks.md). But the coordinates of a patch voxel *are* the position at which
+the worker more than the image itself on a warped patch. But the coordinates of a patch voxel *are* the position at which
 SpatialTransform sampled its input, and batchgeneratorsv2 draws its parameters (affine, elastic
 offsets, centre) in ``get_parameters``, apart from their application.
 ``ExactCoordinateSpatialTransform`` (the same class with ``apply`` extended; the same random draws,
@@ -45,10 +44,10 @@ says which path it took, and why, in the training log. The loader hands the exac
 ``CaseBox`` under ``CASE_BOX_KEY`` and a zero-stride placeholder as ``regression_target`` (so that
 Convert3DTo2DTransform/Convert2DTo3DTransform reshape it as they would the channels).
 
-Cost (docs/benchmarks.md, "The data pipeline", measured on a 2-core machine saturated by other
-jobs: ratios only): in 3d the five channels cost about a fifth of what interpolating them did
-(24x32x32 patch, rotated: +0.95 ms against +5.0 ms on a 5 ms spatial step; 48x64x64: +4.9 against
-+38.8 ms on 33 ms); in 2d both are fractions of a millisecond.
+Cost: ``benchmarks/data_pipeline.py`` times both paths side by side (rows ``unlabeled`` and
+``unlabeled, interpolated coordinates``; docs/benchmarks.md, "Does the data pipeline keep up?").
+The exact channels replace an interpolation of five channels by arithmetic on the drawn grid, so
+their saving grows with the patch and with the share of warped patches.
 
 Shapes (nnU-Net stores every case as (C, Z, Y, X), also for 2d configurations):
     coordinate channels before augmentation: (5, *box)  [z, y, x, in_box, inside_case]
