@@ -23,7 +23,7 @@ trainer's own transforms), the loaders' workers are stopped, and the batches are
 unlabeled fetch inside ``train_step`` is then a replay too. This differs from ``sud_speed.py``,
 where the labeled batch is fetched outside the timer but the unlabeled fetch from live workers
 counts: with all trainers built, ~90 idle nnU-Net worker processes (each polls its queue every
-2 ms) kept the load average above 60 on this 2-core machine and left the timed process under
+2 ms) kept the load average above 60 on a 2-core machine and left the timed process under
 half a core.
 ``--live-loaders`` restores sud_speed.py's way for small ``--trainers`` selections.
 Printed: the median seconds per step and its ratio to nnUNetTrainer's.
