@@ -9,6 +9,7 @@ trainer variant changes a schedule by assigning another object (batchgeneratorsv
                                                             weight (Laine & Aila 2017; Yu et al. 2019)
     GaussianRampBetween(a, b)(t) = a + (b - a) exp(-5 (1 - t)^2)    UA-MT's uncertainty threshold ramp
     Constant(c)(t)               = c
+    Step(1, 0.1)(t)              = 0 for t < 0.1, 1 from 0.1 on     weak-to-strong's lambda_u
 """
 import math
 
@@ -64,3 +65,13 @@ class GaussianRampBetween(Schedule):
     def __call__(self, t: float) -> float:
         u = min(max(float(t), 0.0), 1.0)
         return self.start + (self.end - self.start) * math.exp(-5.0 * (1.0 - u) ** 2)
+
+
+class Step(Schedule):
+    """``before`` for t < t_start, ``value`` from t_start on (a weight switched on at a point of training)."""
+
+    def __init__(self, value: float, t_start: float, before: float = 0.0):
+        self.value, self.t_start, self.before = float(value), float(t_start), float(before)
+
+    def __call__(self, t: float) -> float:
+        return self.value if t >= self.t_start else self.before

@@ -26,7 +26,7 @@ from nnunet_sud.budget import Budget, BudgetVariant
 from nnunet_sud.trainers import (nnUNetTrainerDAEUncertainty, nnUNetTrainerDMNet, nnUNetTrainerLabelDenoiser,
                                  nnUNetTrainerMeanTeacher, nnUNetTrainerPostDenoise, nnUNetTrainerSegMatch,
                                  nnUNetTrainerSUD, nnUNetTrainerSUD2, nnUNetTrainerSUDMeanTeacher, nnUNetTrainerTE,
-                                 nnUNetTrainerUAMT, nnUNetTrainerUnlabeledStats)
+                                 nnUNetTrainerUAMT, nnUNetTrainerUnlabeledStats, nnUNetTrainerWeakToStrong)
 
 
 class TestSwitches:
@@ -94,6 +94,13 @@ class nnUNetTrainerSegMatch_tiny(TestSwitches, BudgetVariant, nnUNetTrainerSegMa
 
 class nnUNetTrainerDMNet_tiny(TestSwitches, BudgetVariant, nnUNetTrainerDMNet):
     budget = TWO_BY_THREE
+
+
+class nnUNetTrainerWeakToStrong_tiny(TestSwitches, BudgetVariant, nnUNetTrainerWeakToStrong):
+    """L_u and the case filter (2 of the 6 unlabeled cases) from epoch 1 on."""
+    budget = TWO_BY_THREE
+    unlabeled_start = 0.5
+    case_filter_fraction = 0.34
 
 
 # ---------------------------------------------------------------------- mean-teacher family, post-denoise
