@@ -63,12 +63,12 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
+from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.consistency import (dae_uncertainty, entropy, exp_reliability, masked_mean, threshold_mask,
                                            weighted_consistency)
-from nnunet_sud.schedules import GaussianRampUp
+from nnunet_sud.schedules import GaussianRampBetween, GaussianRampUp
 from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
 from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
-from nnunet_sud.schedules import GaussianRampBetween
 
 
 #: the largest DAE uncertainty ||p_hat - p_t||^2 of two probability vectors (two different one-hots)
@@ -80,17 +80,25 @@ class nnUNetTrainerDAEUncertainty(LabelDenoiserMixin, nnUNetTrainerMeanTeacherBa
 
     extra_log_keys = ("uncertainty_mean", "reliability_mean")
 
+    SETTINGS = ("kappa", "consistency_class_reduction", "feature_dropout")
+    #: kappa, the uncertainty weighting factor of w = exp(-kappa U)
+    kappa: float = 1.0
+    #: "mean" over classes as MT and UA-MT (equal lambda, equal weight); "sum": the paper's ||.||^2
+    consistency_class_reduction: str = "mean"
+    #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
+    #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
+    feature_dropout: float = 0.5
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.require_exclusive_classes()
-        #: kappa, the uncertainty weighting factor of w = exp(-kappa U)
-        self.kappa = 1.0
-        #: "mean" over classes as MT and UA-MT (equal lambda, equal weight); "sum": the paper's ||.||^2
-        self.consistency_class_reduction = "mean"
-        #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
-        #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
-        self.feature_dropout = 0.5
+
+    def check_settings(self):
+        super().check_settings()
+        if not float(self.kappa) >= 0.0:
+            raise UserFacingError(f"{type(self).__name__}.kappa (the weight exp(-kappa U) of uncertain voxels) must be "
+                                  f">= 0 (0: every voxel counts fully), got {self.kappa!r}")
 
     # ------------------------------------------------------------------ the denoiser
     def prepare_method(self):
@@ -143,9 +151,9 @@ class nnUNetTrainerDAEUncertainty_threshold(nnUNetTrainerDAEUncertainty):
     """DAE-MT Table 3 "Ours (threshold)": w_v = [U_v < H(t)], H(t) = (0.75 + 0.25 exp(-5(1-t)^2)) U_max,
     U_max = 2 the largest ||p_hat - p_t||^2 (UA-MT's ramp on U's own range)."""
 
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.threshold_fraction = GaussianRampBetween(0.75, 1.0)
+    SETTINGS = ("threshold_fraction",)
+    #: H(t) / U_max
+    threshold_fraction = GaussianRampBetween(0.75, 1.0)
 
     def reliability(self, u, t):
         return threshold_mask(u, self.threshold_fraction(t) * DAE_UNCERTAINTY_MAX)
@@ -153,10 +161,7 @@ class nnUNetTrainerDAEUncertainty_threshold(nnUNetTrainerDAEUncertainty):
 
 class nnUNetTrainerDAEUncertainty_classSum(nnUNetTrainerDAEUncertainty):
     """The paper's ||p_s - p_t||^2 summed over classes: C times the consistency weight of MT/UA-MT."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.consistency_class_reduction = "sum"
+    consistency_class_reduction = "sum"
 
 
 class nnUNetTrainerDAEUncertainty_entropy(nnUNetTrainerDAEUncertainty):
@@ -169,64 +174,39 @@ class nnUNetTrainerDAEUncertainty_entropy(nnUNetTrainerDAEUncertainty):
 # ---------------------------------------------------------------------- Table 4 ablations
 class nnUNetTrainerDAEUncertainty_kappa0p1(nnUNetTrainerDAEUncertainty):
     """DAE-MT Table 4: kappa = 0.1."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.kappa = 0.1
+    kappa = 0.1
 
 
 class nnUNetTrainerDAEUncertainty_kappa0p5(nnUNetTrainerDAEUncertainty):
     """DAE-MT Table 4: kappa = 0.5."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.kappa = 0.5
+    kappa = 0.5
 
 
 class nnUNetTrainerDAEUncertainty_kappa2(nnUNetTrainerDAEUncertainty):
     """DAE-MT Table 4: kappa = 2."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.kappa = 2.0
+    kappa = 2.0
 
 
 class nnUNetTrainerDAEUncertainty_kappa5(nnUNetTrainerDAEUncertainty):
     """DAE-MT Table 4: kappa = 5."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.kappa = 5.0
+    kappa = 5.0
 
 
 class nnUNetTrainerDAEUncertainty_lambda0p01(nnUNetTrainerDAEUncertainty):
     """DAE-MT Table 4: lambda_c(t) = 0.01 exp(-5 (1 - t)^2)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unlabeled_weight = GaussianRampUp(0.01)
+    unlabeled_weight = GaussianRampUp(0.01)
 
 
 class nnUNetTrainerDAEUncertainty_lambda0p05(nnUNetTrainerDAEUncertainty):
     """DAE-MT Table 4: lambda_c(t) = 0.05 exp(-5 (1 - t)^2)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unlabeled_weight = GaussianRampUp(0.05)
+    unlabeled_weight = GaussianRampUp(0.05)
 
 
 class nnUNetTrainerDAEUncertainty_lambda0p5(nnUNetTrainerDAEUncertainty):
     """DAE-MT Table 4: lambda_c(t) = 0.5 exp(-5 (1 - t)^2)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unlabeled_weight = GaussianRampUp(0.5)
+    unlabeled_weight = GaussianRampUp(0.5)
 
 
 class nnUNetTrainerDAEUncertainty_lambda1(nnUNetTrainerDAEUncertainty):
     """DAE-MT Table 4: lambda_c(t) = 1 exp(-5 (1 - t)^2)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unlabeled_weight = GaussianRampUp(1.0)
-
+    unlabeled_weight = GaussianRampUp(1.0)

@@ -26,20 +26,18 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_sud.losses.consistency import weighted_consistency
-from nnunet_sud.trainers.teacher import install_feature_dropout, nnUNetTrainerMeanTeacherBase
+from nnunet_sud.trainers.teacher import check_feature_dropout, install_feature_dropout, nnUNetTrainerMeanTeacherBase
 
 
 class nnUNetTrainerMeanTeacher(nnUNetTrainerMeanTeacherBase):
     """Mean teacher: MSE between student and EMA-teacher softmaxes on unlabeled patches."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        #: 'mean' over classes as the reference code's element-wise MSE; 'sum' gives ||p_s - p_t||^2
-        self.consistency_class_reduction = "mean"
-        #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
-        #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
-        self.feature_dropout = 0.5
+    SETTINGS = ("consistency_class_reduction", "feature_dropout")
+    #: 'mean' over classes as the reference code's element-wise MSE; 'sum' gives ||p_s - p_t||^2
+    consistency_class_reduction: str = "mean"
+    #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
+    #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
+    feature_dropout: float = 0.5
 
     def consistency_loss(self, p_s: torch.Tensor, p_t: torch.Tensor, valid: Optional[torch.Tensor] = None):
         """L_c = mean over image voxels of the squared softmax difference.
@@ -61,10 +59,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerMeanTeacherBase):
 class nnUNetTrainerMeanTeacher_noDropout(nnUNetTrainerMeanTeacher):
     """Mean teacher without feature dropout: student and teacher differ only by the teacher's input
     noise and the EMA (the behaviour before dropout was added; an ablation of the perturbation)."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.feature_dropout = 0.0
+    feature_dropout = 0.0
 
 
 class nnUNetTrainerFeatureDropout(nnUNetTrainer):
@@ -74,11 +69,16 @@ class nnUNetTrainerFeatureDropout(nnUNetTrainer):
     loss by this dropout too, so their gain over nnUNetTrainer is the sum of the two; their gain over
     this trainer is what the unlabeled images add."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.feature_dropout = 0.5
+    SETTINGS = ("feature_dropout",)
+    feature_dropout: float = 0.5
+
+    def check_settings(self):
+        """Raise UserFacingError for an invalid setting; runs first in ``initialize`` (nnU-Net's
+        ``on_train_start`` and ``--c`` begin with it)."""
+        check_feature_dropout(self, "the segmenter (supervised only)")
 
     def initialize(self):
+        if not self.was_initialized:
+            self.check_settings()
         super().initialize()
         install_feature_dropout(self, "the segmenter (supervised only)")

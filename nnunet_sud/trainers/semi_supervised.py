@@ -37,6 +37,7 @@ Inference is untouched: model folders of subclasses are ordinary nnU-Net model f
 # the trainers, registered in nnunet_sud.trainers
 __all__ = ["nnUNetTrainerSemiSupervised"]
 
+import numbers
 import os
 from typing import Dict, Optional, Tuple
 
@@ -53,7 +54,7 @@ from nnunet_sud.errors import UserFacingError
 from nnunet_sud.network_helpers import unwrap_network
 from nnunet_sud.robust_training import (CheckpointError, RobustTrainerMixin, describe_exception, temporary_path,
                                         workers_die_with_parent)
-from nnunet_sud.schedules import LinearRamp
+from nnunet_sud.schedules import LinearRamp, Schedule
 from nnunet_sud.trainers.distributed import batch_share, gather_concatenated
 from nnunet_sud.trainers.epoch_logger import TARGET_DICE_KEY, TARGET_KEPT_KEY, SemiSupervisedLocalLogger
 from nnunet_sud.unlabeled.loader import (UnlabeledBatch, UnlabeledDataLoader, cases_with_labels, make_augmenter,
@@ -85,14 +86,25 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
 
     extra_log_keys: Tuple[str, ...] = ()
 
+    #: the method settings this class declares (``nnunet_sud.trainers.settings.method_settings``)
+    SETTINGS = ("unlabeled_batch_size", "unlabeled_weight", "unlabeled_worker_fraction", "worker_split_batches",
+                "unlabeled_coordinates")
+    #: unlabeled patches per step, over all processes like the plans' batch size (None: the
+    #: labeled batch size); under DDP each process draws its share (``unlabeled_batch_size_here``)
+    unlabeled_batch_size: Optional[int] = None
+    #: w(t), weight of the unlabeled loss as a function of training progress t in [0, 1]
+    unlabeled_weight: Schedule = LinearRamp(0.0, 1.0)
+    #: share of the augmentation workers for the unlabeled stream; None: measured (``nnunet_sud.unlabeled.workers``)
+    unlabeled_worker_fraction: Optional[float] = None
+    #: batches of each stream timed (after one untimed) to measure that share
+    worker_split_batches: int = 2
+    #: carry the case coordinates (``batch_u['coords']``) through the augmentation; a trainer that
+    #: reads only ``valid`` sets False (4 fewer channels through the unlabeled stream's transforms)
+    unlabeled_coordinates: bool = True
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        #: unlabeled patches per step, over all processes like the plans' batch size (None: the
-        #: labeled batch size); under DDP each process draws its share (``unlabeled_batch_size_here``)
-        self.unlabeled_batch_size = None
-        #: w(t), weight of the unlabeled loss as a function of training progress t in [0, 1]
-        self.unlabeled_weight = LinearRamp(0.0, 1.0)
         self.dataloader_unlabeled = None
         self.unlabeled_worker_seeds = None
         self._iteration_in_epoch = 0
@@ -151,9 +163,28 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
 
     # ------------------------------------------------------------------ data
     def check_settings(self):
-        """Raise UserFacingError for an invalid setting. Runs in ``on_train_start`` before anything is
-        built (and may run in ``__init__`` too): a variant may change settings after
-        ``super().__init__()``, so a check in ``__init__`` alone would miss them. Subclasses extend it."""
+        """Raise UserFacingError for an invalid setting (naming the trainer, the setting, the value and
+        what to do). Runs first in ``on_train_start`` and in ``initialize`` (``--c`` initializes before
+        ``on_train_start``), i.e. before anything is built and after every change of a setting, be it
+        a class attribute of a variant or an assignment after ``super().__init__()``. Subclasses
+        extend it."""
+        name = type(self).__name__
+        size = self.unlabeled_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+            raise UserFacingError(f"{name}.unlabeled_batch_size must be a positive number of patches or None (the "
+                                  f"labeled batch size), got {size!r}")
+        fraction = self.unlabeled_worker_fraction
+        if fraction is not None and not 0.0 <= float(fraction) <= 1.0:
+            raise UserFacingError(f"{name}.unlabeled_worker_fraction (the unlabeled stream's share of the "
+                                  f"augmentation workers) must be in [0, 1] or None (measured), got {fraction!r}")
+        if int(self.worker_split_batches) < 1:
+            raise UserFacingError(f"{name}.worker_split_batches (batches timed to split the workers) must be at "
+                                  f"least 1, got {self.worker_split_batches!r}")
+
+    def initialize(self):
+        if not self.was_initialized:
+            self.check_settings()  # --c initializes before on_train_start
+        super().initialize()
 
     def prepare_method(self):
         """Load what the method needs besides the data (e.g. a trained denoiser), before the network
@@ -165,14 +196,6 @@ class nnUNetTrainerSemiSupervised(RobustTrainerMixin, nnUNetTrainer):
         self.check_unlabeled_data()
         self.prepare_method()
         super().on_train_start()
-
-    #: share of the augmentation workers for the unlabeled stream; None: measured (``nnunet_sud.unlabeled.workers``)
-    unlabeled_worker_fraction: Optional[float] = None
-    #: batches of each stream timed (after one untimed) to measure that share
-    worker_split_batches: int = 2
-    #: carry the case coordinates (``batch_u['coords']``) through the augmentation; a trainer that
-    #: reads only ``valid`` sets False (4 fewer channels through the unlabeled stream's transforms)
-    unlabeled_coordinates: bool = True
 
     def get_dataloaders(self):
         """nnU-Net's labeled loaders and the unlabeled stream, sharing the ``nnUNet_n_proc_DA``

@@ -95,14 +95,21 @@ def add_feature_dropout(module: nn.Module, p: float) -> list:
     return [encoder.register_forward_hook(bottleneck), decoder.seg_layers[-1].register_forward_pre_hook(before_head)]
 
 
+def check_feature_dropout(trainer, where: str) -> None:
+    """Raise ``UserFacingError`` unless ``trainer.feature_dropout`` is a probability in [0, 1); ``where``
+    names the network(s) it drops channels of."""
+    p = trainer.feature_dropout
+    if not 0.0 <= float(p) < 1.0:
+        raise UserFacingError(f"{type(trainer).__name__}.feature_dropout (the dropout probability of {where}) must "
+                              f"be in [0, 1), got {p}")
+
+
 def install_feature_dropout(trainer, where: str) -> None:
     """``add_feature_dropout`` with ``trainer.feature_dropout`` on the trainer's (unwrapped) network, at
     ``initialize``; a bad probability or a network that is not an nnU-Net U-Net stops with the
     trainer's name and the setting; p = 0 adds nothing. ``where`` goes into the training log line."""
+    check_feature_dropout(trainer, where)
     name, p = type(trainer).__name__, trainer.feature_dropout
-    if not 0.0 <= float(p) < 1.0:
-        raise UserFacingError(f"{name}.feature_dropout (the dropout probability of {where}) must be in [0, 1), "
-                              f"got {p}")
     if p == 0:
         return
     try:
@@ -192,7 +199,7 @@ class EMATeacher:
 class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
     """Semi-supervised trainer with an EMA teacher of ``self.network`` (mean-teacher family).
 
-    Hyper-parameters (set in a subclass's ``__init__`` after ``super().__init__``):
+    Settings (class attributes; a variant changes them in its class body or after ``super().__init__``):
         ema_decay = 0.99                    EMA decay (DAE-MT §3, UA-MT)
         ema_warmup = True                   a_s = min(1 - 1/(s+1), ema_decay) (reference code)
         ema_teacher_train_mode = True       mode of the teacher copy (see module doc)
@@ -208,34 +215,45 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
     ``get_extra_state``/``set_extra_state``.
     """
 
+    SETTINGS = ("ema_decay", "ema_warmup", "ema_teacher_train_mode", "teacher_noise_std", "teacher_noise_clip",
+                "feature_dropout", "unlabeled_weight")
+    ema_decay: float = 0.99
+    ema_warmup: bool = True
+    ema_teacher_train_mode: bool = True
+    teacher_noise_std: float = 0.1
+    teacher_noise_clip: float = 0.2
+    feature_dropout: float = 0.0
+    unlabeled_weight = GaussianRampUp(0.1)
+
     #: the losses read batch_u['valid'] only: no case coordinates through the augmentation (issue 17)
     unlabeled_coordinates = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.ema_decay = 0.99
-        self.ema_warmup = True
-        self.ema_teacher_train_mode = True
-        self.teacher_noise_std = 0.1
-        self.teacher_noise_clip = 0.2
-        self.feature_dropout = 0.0
-        self.unlabeled_weight = GaussianRampUp(0.1)
         self.teacher: EMATeacher = None
         self._teacher_restored = False
 
     # ------------------------------------------------------------------ teacher life cycle
     def check_settings(self):
         super().check_settings()
-        if not 0.0 <= float(self.feature_dropout) < 1.0:
-            raise UserFacingError(f"{type(self).__name__}.feature_dropout (the dropout probability of student and "
-                                  f"teacher) must be in [0, 1), got {self.feature_dropout}")
+        name = type(self).__name__
+        check_feature_dropout(self, "student and teacher")
+        if not 0.0 <= float(self.ema_decay) <= 1.0:
+            raise UserFacingError(f"{name}.ema_decay (the teacher's EMA decay) must be in [0, 1], got "
+                                  f"{self.ema_decay!r}")
+        for setting in ("teacher_noise_std", "teacher_noise_clip"):
+            if not float(getattr(self, setting)) >= 0.0:
+                raise UserFacingError(f"{name}.{setting} (the teacher's input noise) must be >= 0 (0: no noise), "
+                                      f"got {getattr(self, setting)!r}")
+        reduction = getattr(self, "consistency_class_reduction", "mean")  # a setting of MT, UA-MT and DAE-MT
+        if reduction not in ("mean", "sum"):
+            raise UserFacingError(f"{name}.consistency_class_reduction must be 'mean' (over classes, as the "
+                                  f"reference code) or 'sum' (||p_s - p_t||^2), got {reduction!r}")
 
     def initialize(self):
-        super().initialize()
-        if self.feature_dropout > 0:  # read here: --c initializes before on_train_start's checks
-            self.check_settings()
-            install_feature_dropout(self, "student and teacher")
+        super().initialize()  # checks the settings first (the base's initialize)
+        install_feature_dropout(self, "student and teacher")
         # the teacher is a copy of the student, hooks included
         self.teacher = EMATeacher(self.network, self.ema_decay, self.ema_warmup, self.ema_teacher_train_mode)
 

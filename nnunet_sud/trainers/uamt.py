@@ -42,6 +42,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import distributed as dist
 
+from nnunet_sud.errors import UserFacingError
 from nnunet_sud.losses.consistency import masked_mean, mc_entropy, threshold_mask, weighted_consistency
 from nnunet_sud.schedules import GaussianRampBetween
 from nnunet_sud.trainers.teacher import nnUNetTrainerMeanTeacherBase
@@ -52,24 +53,42 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
 
     extra_log_keys = ("uncertainty_threshold", "mask_fraction", "uncertainty_mean", "mc_spread")
 
+    SETTINGS = ("mc_passes", "mc_passes_per_forward", "threshold_fraction", "threshold_classes",
+                "consistency_class_reduction", "feature_dropout")
+    #: K, stochastic teacher passes for the uncertainty (UA-MT: 8)
+    mc_passes: int = 8
+    #: passes per teacher forward (None: all K in one forward of K * B samples)
+    mc_passes_per_forward: Optional[int] = None
+    #: H(t) / ln(threshold_classes)
+    threshold_fraction = GaussianRampBetween(0.75, 1.0)
+    #: the threshold's scale ln(threshold_classes): 2 as the reference (whatever C is); None: ln C
+    threshold_classes: Optional[int] = 2
+    #: 'mean' over classes (the reference's division by C); 'sum' gives ||p_s - p_t||^2
+    consistency_class_reduction: str = "mean"
+    #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
+    #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
+    feature_dropout: float = 0.5
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.require_exclusive_classes()
-        #: K, stochastic teacher passes for the uncertainty (UA-MT: 8)
-        self.mc_passes = 8
-        #: passes per teacher forward (None: all K in one forward of K * B samples)
-        self.mc_passes_per_forward: Optional[int] = None
-        #: H(t) / ln(threshold_classes)
-        self.threshold_fraction = GaussianRampBetween(0.75, 1.0)
-        #: the threshold's scale ln(threshold_classes): 2 as the reference (whatever C is); None: ln C
-        self.threshold_classes: Optional[int] = 2
-        self.consistency_class_reduction = "mean"
-        #: UA-MT's reference V-Net: channel dropout 0.5 on the bottleneck and before the output layer, in
-        #: student and teacher (``teacher.add_feature_dropout``); 0 switches it off
-        self.feature_dropout = 0.5
         #: per epoch: [sum U where the teacher is wrong, wrong voxels, sum U where right, right voxels]
         self._uncertainty_split: Optional[torch.Tensor] = None
+
+    def check_settings(self):
+        super().check_settings()
+        name = type(self).__name__
+        if int(self.mc_passes) < 1:
+            raise UserFacingError(f"{name}.mc_passes (K, the stochastic teacher passes of the uncertainty) must be at "
+                                  f"least 1, got {self.mc_passes!r}")
+        per = self.mc_passes_per_forward
+        if per is not None and int(per) < 1:
+            raise UserFacingError(f"{name}.mc_passes_per_forward must be at least 1 or None (all K passes in one "
+                                  f"forward), got {per!r}")
+        if self.threshold_classes is not None and int(self.threshold_classes) < 2:
+            raise UserFacingError(f"{name}.threshold_classes (the threshold's scale ln(threshold_classes)) must be at "
+                                  f"least 2 or None (ln C), got {self.threshold_classes!r}")
 
     # ------------------------------------------------------------------ the terms
     def uncertainty_threshold(self, t: float) -> float:
@@ -175,7 +194,4 @@ class nnUNetTrainerUAMT(nnUNetTrainerMeanTeacherBase):
 
 class nnUNetTrainerUAMT_lnC(nnUNetTrainerUAMT):
     """UA-MT with the threshold scaled by ln C instead of the reference's ln 2."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.threshold_classes = None
+    threshold_classes = None
