@@ -111,6 +111,7 @@ class ConvDiscriminator(nn.Module):
 class DiscriminatorMixin:
     """A discriminator with its own optimiser beside ``self.network`` (see module doc)."""
 
+    SETTINGS = ("discriminator_lr", "discriminator_weight_decay", "discriminator_betas", "discriminator_poly_exponent")
     #: Adam learning rate, weight decay and betas of the discriminator
     discriminator_lr: float = 1e-4
     discriminator_weight_decay: float = 0.0

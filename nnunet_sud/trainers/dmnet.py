@@ -284,6 +284,10 @@ class nnUNetTrainerDMNet(DualDecoderMixin, DiscriminatorMixin, LabeledBatchMixin
     #: the losses read batch_u['valid'] only: no case coordinates through the augmentation (issue 17)
     unlabeled_coordinates = False
 
+    SETTINGS = ("lambda1", "lambda2", "temperature", "adversarial", "unlabeled_weight", "discriminator_lr",
+                "discriminator_weight_decay", "discriminator_poly_exponent", "discriminator_features")
+    #: w = 1 (constant): the lambdas are inside L_unl
+    unlabeled_weight = Constant(1.0)
     #: lambda1 (L_adv) and lambda2 (L_semi) of L_S = L_dice + lambda1 L_adv + lambda2 L_semi
     lambda1: float = 0.01
     lambda2: float = 0.1
@@ -299,10 +303,11 @@ class nnUNetTrainerDMNet(DualDecoderMixin, DiscriminatorMixin, LabeledBatchMixin
 
     extra_log_keys = ("dice_difference", "adversarial_loss", "discriminator_loss")
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unlabeled_weight = Constant(1.0)  # the lambdas are inside L_unl
+    def check_settings(self):
+        super().check_settings()
+        if not 0 < float(self.temperature) <= 1:
+            raise UserFacingError(f"{type(self).__name__}.temperature (the sharpening temperature T of L_semi) must "
+                                  f"be in (0, 1] (1: no sharpening), got {self.temperature!r}")
 
     def needs_discriminator(self) -> bool:
         return self.adversarial and self.lambda1 > 0

@@ -149,6 +149,9 @@ class StrongViewTransform(BasicTransform):
 class nnUNetTrainerSegMatch(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainerSemiSupervised):
     """SegMatch (module doc). Variants change ``gating``/``tau``/``discriminator_negatives``."""
 
+    SETTINGS = ("gating", "tau", "lambda_u", "lambda_u_rampup", "unlabeled_weight", "discriminator_negatives",
+                "discriminator_features", "discriminator_negative_slope", "discriminator_lr", "strong_ops_per_sample",
+                "strong_cutout")
     #: which pseudo-labels count: "discriminator", "identity", "mean_confidence", "confidence_map"
     gating: str = "discriminator"
     #: threshold tau of the gate
@@ -180,9 +183,7 @@ class nnUNetTrainerSegMatch(DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainer
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.check_settings()
         require_exclusive_classes(self.label_manager, type(self).__name__)
-        self.unlabeled_weight = None  # the lambda_u ramp, derived when read
 
     def check_settings(self):
         super().check_settings()

@@ -53,7 +53,7 @@ from nnunet_sud.targets.store import SoftTargetStore
 from nnunet_sud.trainers.denoiser_mixin import LabelDenoiserMixin
 from nnunet_sud.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 from nnunet_sud.trainers.settings import DerivedDefault
-from nnunet_sud.trainers.teacher import install_feature_dropout, nnUNetTrainerMeanTeacherBase
+from nnunet_sud.trainers.teacher import check_feature_dropout, install_feature_dropout, nnUNetTrainerMeanTeacherBase
 
 STORE_DIR = "soft_targets"
 
@@ -63,6 +63,7 @@ class DenoisedTargetsMixin(LabelDenoiserMixin):
     beta a(f) + (1 - beta) f and the soft-target loss D(z, f). The denoiser itself (labels check,
     loading, whether it is needed) is ``LabelDenoiserMixin``'s."""
 
+    SETTINGS = ("lambda_max", "beta", "unlabeled_weight", "use_kl", "dice_form")
     #: lambda_max of the linear ramp of the unlabeled weight lambda
     lambda_max: float = 4.0
     #: beta, the spatial (denoiser) weight; default 0.2 / lambda_max as in the paper (read when used,
@@ -75,8 +76,9 @@ class DenoisedTargetsMixin(LabelDenoiserMixin):
     #: D's form: "squared" (eq. 15, best f = z) or "plain" (nnU-Net's sums, best f = thresholded z)
     dice_form: str = "squared"
 
-    def _configure_denoised_targets(self):
-        self.unlabeled_weight = None  # the base's 0 -> 1 ramp gives way to 0 -> lambda_max
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         #: seconds spent per component (read by benchmarks/sud_speed.py)
         self.component_times = defaultdict(float)
 
@@ -131,6 +133,9 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
     """SUD (eq. 8). Variants change the class attributes (``lambda_max``, ``beta``, ``use_kl``; see
     ``sud_variants.py``)."""
 
+    SETTINGS = ("alpha", "keep_soft_targets", "snapshot_store_for_best", "feature_dropout")
+    #: alpha(t), the temporal averaging weight of the new estimate, 1 -> 0 (§3.3.2)
+    alpha = LinearRamp(1.0, 0.0)
     #: keep fold_X/soft_targets after training
     keep_soft_targets: bool = False
     #: snapshot the store with checkpoint_best too (exact --c from best; costs a copy per new best)
@@ -146,8 +151,6 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self._configure_denoised_targets()
-        self.alpha = LinearRamp(1.0, 0.0)
         # write-behind: the store's updates run in a background thread, off the training step
         self.store = SoftTargetStore(os.path.join(self.output_folder, STORE_DIR),
                                      self.label_manager.num_segmentation_heads, write_behind=True)
@@ -155,6 +158,10 @@ class nnUNetTrainerSUD(DenoisedTargetsMixin, nnUNetTrainerSemiSupervised):
         self._store_snapshot = None
 
     # ------------------------------------------------------------------ set-up
+    def check_settings(self):
+        super().check_settings()
+        check_feature_dropout(self, "the segmenter")
+
     def initialize(self):
         super().initialize()
         install_feature_dropout(self, "the segmenter")  # here: --c initializes before on_train_start
@@ -270,11 +277,6 @@ class nnUNetTrainerSUDMeanTeacher(DenoisedTargetsMixin, nnUNetTrainerMeanTeacher
     The temporal averaging of SUD's per-image targets is done by the teacher's weights instead
     (EMA decay 0.99). lambda ramps 0 -> lambda_max = 4 and beta = 0.2 / lambda_max, as SUD.
     """
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self._configure_denoised_targets()
 
     def prepare_method(self):
         super().prepare_method()

@@ -139,6 +139,7 @@ def noisy_denoise(denoiser: nn.Module, probs: torch.Tensor, sigma: float, scale:
 class nnUNetTrainerSUD2(nnUNetTrainerSUD):
     """SUD^2 for segmentation (module doc). Class attributes select the changes."""
 
+    SETTINGS = ("sigma2", "sigma2_scale", "denoise_steps", "lambda2", "decorrelate")
     #: beta = 1: eq. 9 pulls f towards R(F(f)) itself (SUD^2 reads SUD as f -> D(f), eq. 2-3), not
     #: towards SUD's 0.05 R(F(f)) + 0.95 f, which would dilute every change below to 5 %
     beta = 1.0
@@ -155,17 +156,16 @@ class nnUNetTrainerSUD2(nnUNetTrainerSUD):
 
     extra_log_keys = ("alpha", "beta", "target_new_fraction", "latent_decorrelation")
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.check_settings()
-
     def check_settings(self):
         super().check_settings()
+        name = type(self).__name__
         if self.decorrelate not in ("segmenter", "denoiser"):
-            raise UserFacingError(f"{type(self).__name__}.decorrelate must be 'segmenter' or 'denoiser', got "
-                                  f"{self.decorrelate!r}")
-        denoising_noise_levels(self.sigma2, self.denoise_steps)  # validates both
+            raise UserFacingError(f"{name}.decorrelate must be 'segmenter' or 'denoiser', got {self.decorrelate!r}")
+        try:
+            denoising_noise_levels(self.sigma2, self.denoise_steps)
+        except ValueError as e:
+            raise UserFacingError(f"{name}: sigma2 = {self.sigma2!r}, denoise_steps = {self.denoise_steps!r}: {e}. "
+                                  f"Set sigma2 >= 0 and denoise_steps >= 1.") from None
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,

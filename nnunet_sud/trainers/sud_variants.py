@@ -24,8 +24,6 @@ __all__ = [
     "nnUNetTrainerSUDMeanTeacher_plainDice",
 ]
 
-import torch
-
 from nnunet_sud.schedules import LinearRamp
 from nnunet_sud.trainers.sud import nnUNetTrainerSUD, nnUNetTrainerSUDMeanTeacher, nnUNetTrainerTE
 
@@ -107,11 +105,7 @@ class nnUNetTrainerSUD_lambda1_featureDropout_spatialOnly(nnUNetTrainerSUD_lambd
     SUD with the dropout lost the RV through its history-heavy late targets while a(f) added RV on the
     pool frames (docs/benchmarks.md); this variant tells the two halves apart. The store is still
     written (alpha = 1 replaces the stored target), so logs and ``--c`` work as in SUD."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.alpha = LinearRamp(1.0, 1.0)
+    alpha = LinearRamp(1.0, 1.0)
 
 
 class nnUNetTrainerSUD_plainDice(nnUNetTrainerSUD):
