@@ -211,7 +211,6 @@ class nnUNetTrainerWeakToStrong(nnUNetTrainerSemiSupervised):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unlabeled_weight = None  # in case a base __init__ assigned its own ramp: back to the derived w(t)
         #: the case filter's state: excluded cases, the epoch of the pass, all cases' entropies
         self.case_filter_excluded: FrozenSet[str] = frozenset()
         self.case_filter_epoch: Optional[int] = None
