@@ -4,8 +4,9 @@ Steps (each through the real nnU-Net / nnunet-sud commands, as a user would type
  1. ``nnunet-sud synthetic``: a 3d task with few labeled, more unlabeled and held-out test cases
  2. ``nnUNetv2_plan_and_preprocess`` (labeled data only) + ``nnunet-sud preprocess-unlabeled``
  3. ``nnUNetv2_train -tr nnUNetTrainerLabelDenoiser``: the label-map denoiser
- 4. ``nnUNetv2_train`` for nnUNetTrainer (supervised baseline), TE, SUD, and every other trainer
-    asked for with ``--trainers``
+ 4. ``nnUNetv2_train`` for nnUNetTrainer (supervised baseline), nnUNetTrainerWeakToStrong (the
+    recommended trainer), SUD (the method the package is named after), or the trainers asked for
+    with ``--trainers``
  5. ``nnUNetv2_predict`` of the test images with each, ``nnunet-sud evaluate`` (Dice, HD95)
  6. ``nnunet-sud compare``: Markdown table, box plots, paired differences vs the baseline
 
@@ -39,7 +40,7 @@ SCHEDULES = {
     "long": dict(epochs=100, iters=250, val_iters=50, den_epochs=100, den_iters=250,
                  labeled=8, unlabeled=64, test=16, shape=(48, 64, 64)),
 }
-DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerTE", "nnUNetTrainerSUD")
+DEFAULT_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerWeakToStrong", "nnUNetTrainerSUD")
 CONFIGURATION = "3d_fullres"
 
 

@@ -1,5 +1,5 @@
 """The README's main command, in its smallest setting: generated data through plan/preprocess,
-denoiser, nnUNetTrainer/TE/SUD training, prediction, evaluation and the comparison report."""
+denoiser, nnUNetTrainer/WeakToStrong/SUD training, prediction, evaluation and the comparison report."""
 import json
 import os
 
@@ -17,16 +17,18 @@ def test_demo_smoke_schedule_end_to_end(tmp_path):
     for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert step in log
     info = json.load(open(out / "demo.json"))
-    assert info["trainers"] == ["nnUNetTrainer", "nnUNetTrainerTE", "nnUNetTrainerSUD"]
+    assert info["trainers"] == ["nnUNetTrainer", "nnUNetTrainerWeakToStrong", "nnUNetTrainerSUD"]
     table = open(out / "report" / "comparison.md").read()
     for name in info["trainers"]:
         assert f"| {name} |" in table
     for f in ("boxplots.png", "paired_differences.png", "target_quality.png"):
         assert (out / "report" / f).stat().st_size > 1000
-    # the honest verdict and what TE and SUD learned from (generated data label every unlabeled case)
+    # the honest verdict and what the two semi-supervised trainers learned from (generated data label
+    # every unlabeled case)
     assert "## Verdict against nnUNetTrainer" in table
     assert "## What the semi-supervised trainers learn from" in table
-    for row in ("| nnUNetTrainerTE | prediction |", "| nnUNetTrainerTE | target |", "| nnUNetTrainerSUD | denoised |"):
+    for row in ("| nnUNetTrainerWeakToStrong | prediction |", "| nnUNetTrainerWeakToStrong | pseudo_label |",
+                "| nnUNetTrainerSUD | denoised |", "| nnUNetTrainerSUD | target |"):
         assert row in table
     for t in info["trainers"]:
         ev = json.load(open(out / "evaluation" / f"{t}_demo.json"))  # evaluations of the _demo variants
