@@ -1,4 +1,5 @@
-"""Soft Dice and KL between a network's softmax and soft targets, masked to valid voxels.
+"""Soft Dice, KL and cross-entropy between a network's softmax and soft targets, masked to valid
+voxels, and the sharpening of soft targets (temperature, argmax).
 
 Used by SUD and temporal ensembling (Young et al., "SUD: Supervision by Denoising for Medical
 Image Segmentation", 2023, eq. 7-8: lambda * D(z_n, f(u_n | Theta)) with z_n fixed), and, with
@@ -77,7 +78,8 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[tor
 
 def soft_kl_loss(log_probs: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
                  eps: float = 1e-6) -> torch.Tensor:
-    """Mean over valid voxels of KL(z || f) = sum_c z_c (log z_c - log f_c).
+    """Mean over valid voxels of KL(z || f) = sum_c z_c (log z_c - log f_c), all classes (background
+    included).
 
     Args:
         log_probs: (B, C, *S) log-softmax of the network.
@@ -86,10 +88,45 @@ def soft_kl_loss(log_probs: torch.Tensor, target: torch.Tensor, mask: Optional[t
     """
     z = target.detach().to(log_probs.dtype).clamp(min=0)
     kl = (z * (torch.log(z + eps) - log_probs)).sum(1)  # (B, *S)
+    return masked_voxel_mean(kl, mask)
+
+
+def soft_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor,
+                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over valid voxels of the soft cross-entropy -sum_c z_c log f_c, all classes (background
+    included). It differs from ``soft_kl_loss`` by the entropy of z, a constant in f: the same
+    gradient, but 0 is not its minimum (H(z) is).
+
+    Args:
+        log_probs: (B, C, *S) log-softmax of the network.
+        target:    (B, C, *S) soft targets (constants).
+        mask:      (B, *S) bool or None.
+    """
+    z = target.detach().to(log_probs.dtype)
+    return masked_voxel_mean(-(z * log_probs).sum(1), mask)
+
+
+def masked_voxel_mean(values: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of per-voxel ``values`` (B, *S) over the voxels of ``mask`` (B, *S) bool (None: all; none
+    valid: 0)."""
     if mask is None:
-        return kl.mean()
-    m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp(min=1)
+        return values.mean()
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1)
+
+
+def sharpen_targets(target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z^(1/T) / sum_c z_c^(1/T) for soft targets z (B, C, *S); T = 1 returns z itself. The argmax is
+    kept; T < 1 sharpens, T > 1 flattens."""
+    if temperature == 1:
+        return target
+    powered = target.clamp(min=0) ** (1.0 / temperature)
+    return powered / powered.sum(1, keepdim=True).clamp(min=torch.finfo(powered.dtype).tiny)
+
+
+def hard_targets(target: torch.Tensor) -> torch.Tensor:
+    """One-hot (B, C, *S) of argmax_c z_c: the soft target as a hard label (ties: the lowest class)."""
+    return torch.zeros_like(target).scatter_(1, target.argmax(1, keepdim=True), 1.0)
 
 
 def downsample_targets(target: torch.Tensor, mask: torch.Tensor, shapes: Sequence[Sequence[int]]):

@@ -11,8 +11,9 @@ a() is the trained label-map denoiser (log, clip, denoise, softmax: ``apply_deno
 soft target stored for the same image at its previous visit (kept in case voxel space and
 carried through the augmentation by ``SoftTargetStore``; first visit: z_n^- := the current
 estimate), D the squared-norm soft Dice of the paper's eq. 15 over valid voxels (its best f is
-z itself; optionally + KL(z || f); the ``_plainDice`` variants use nnU-Net's plain sums), applied to every
-deep-supervision output with nnU-Net's weights.
+z itself; optionally + KL(z || f); the ``_plainDice`` variants use nnU-Net's plain sums; other D:
+``target_loss``, ``target_temperature``, ``target_hard`` below), applied to every deep-supervision
+output with nnU-Net's weights.
 
 Schedules (progress t in [0, 1] over all iterations), as the paper:
     lambda(t) = lambda_max t,  lambda_max = 4                  ``unlabeled_weight``
@@ -32,6 +33,7 @@ folder is then an ordinary nnU-Net model folder for ``nnUNetv2_predict``.
 # the trainers, registered in nnunet_sud.trainers
 __all__ = ["nnUNetTrainerSUD", "nnUNetTrainerTE", "nnUNetTrainerSUDMeanTeacher"]
 
+import math
 import os
 import shutil
 import time
@@ -45,7 +47,8 @@ from torch import distributed as dist
 
 from nnunet_sud.denoiser.corruption import apply_denoiser
 from nnunet_sud.errors import UserFacingError
-from nnunet_sud.losses.soft_targets import downsample_targets, soft_dice_loss, soft_kl_loss
+from nnunet_sud.losses.soft_targets import (downsample_targets, hard_targets, sharpen_targets, soft_cross_entropy,
+                                            soft_dice_loss, soft_kl_loss)
 from nnunet_sud.network_helpers import full_resolution
 from nnunet_sud.robust_training import CheckpointError, temporary_path
 from nnunet_sud.schedules import LinearRamp
@@ -61,9 +64,32 @@ STORE_DIR = "soft_targets"
 class DenoisedTargetsMixin(LabelDenoiserMixin):
     """What SUD and SUD-MT share: lambda/beta hyper-parameters, the spatial denoising step
     beta a(f) + (1 - beta) f and the soft-target loss D(z, f). The denoiser itself (labels check,
-    loading, whether it is needed) is ``LabelDenoiserMixin``'s."""
+    loading, whether it is needed) is ``LabelDenoiserMixin``'s.
 
-    SETTINGS = ("lambda_max", "beta", "unlabeled_weight", "use_kl", "dice_form")
+    D(z, f), with f = softmax(logits) and z the soft target, both (B, C, *S), over the valid
+    voxels V (``valid`` (B, *S)); c runs over all C classes, c >= 1 over the foreground ones:
+
+        "soft_dice"  1 - mean_{c >= 1} d_c,  d_c = (2 sum_V z_c f_c + s) / (sum_V z_c^2 + sum_V f_c^2 + s)
+                     (``dice_form = "squared"``: the paper's eq. 15, Appendix A; "plain": sums of z_c
+                     and f_c in the denominator, nnU-Net's form), per sample or over the batch
+                     (``batch_dice`` of the plans), s = 1e-5
+        "kl"         1/|V| sum_V sum_c z_c (log z_c - log f_c)          KL(z || f), background included
+        "ce"         1/|V| sum_V -sum_c z_c log f_c                     soft cross-entropy, background included
+        "ce_dice"    "ce" + "soft_dice"
+
+    "kl" and "ce" differ by the entropy of z, a constant in f: the same gradient (only the logged
+    value differs; KL is 0 at f = z). The paper's D is eq. 15's soft Dice ("soft_dice", the default);
+    its kidney task used Dice + KL (``use_kl = True`` beside "soft_dice": ``nnUNetTrainerSUD_KL``); §3.3
+    allows any segmentation loss ("cross entropy, Dice loss etc.", after eq. 7). Unlike the foreground
+    Dice, the terms over all classes weigh background voxels: a false positive of f far from any
+    structure costs where z says background.
+
+    The target D sees may be sharpened first (the stored z is never sharpened): z^(1/T) / sum_c z_c^(1/T)
+    with T = ``target_temperature`` (1: none), or the one-hot of argmax_c z_c (``target_hard``).
+    """
+
+    SETTINGS = ("lambda_max", "beta", "unlabeled_weight", "use_kl", "dice_form", "target_loss", "target_temperature",
+                "target_hard")
     #: lambda_max of the linear ramp of the unlabeled weight lambda
     lambda_max: float = 4.0
     #: beta, the spatial (denoiser) weight; default 0.2 / lambda_max as in the paper (read when used,
@@ -75,6 +101,14 @@ class DenoisedTargetsMixin(LabelDenoiserMixin):
     use_kl: bool = False
     #: D's form: "squared" (eq. 15, best f = z) or "plain" (nnU-Net's sums, best f = thresholded z)
     dice_form: str = "squared"
+    #: D: "soft_dice" (the paper's), "kl", "ce" or "ce_dice" (class doc); the Dice terms use dice_form
+    target_loss: str = "soft_dice"
+    #: T of the target's sharpening z^(1/T) / sum_c z_c^(1/T) before D (1: none)
+    target_temperature: float = 1.0
+    #: D against the one-hot argmax of z (a hard label) instead of z
+    target_hard: bool = False
+    #: target_loss -> its terms
+    TARGET_LOSSES = {"soft_dice": ("dice",), "kl": ("kl",), "ce": ("ce",), "ce_dice": ("ce", "dice")}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -87,6 +121,24 @@ class DenoisedTargetsMixin(LabelDenoiserMixin):
         name = type(self).__name__
         if self.dice_form not in ("squared", "plain"):
             raise UserFacingError(f"{name}.dice_form must be 'squared' (eq. 15) or 'plain', got {self.dice_form!r}")
+        if self.target_loss not in self.TARGET_LOSSES:
+            raise UserFacingError(f"{name}.target_loss must be one of {tuple(self.TARGET_LOSSES)}, got "
+                                  f"{self.target_loss!r}")
+        for setting in ("use_kl", "target_hard"):
+            if not isinstance(getattr(self, setting), bool):
+                raise UserFacingError(f"{name}.{setting} must be True or False, got {getattr(self, setting)!r}")
+        if self.use_kl and self.target_loss != "soft_dice":
+            raise UserFacingError(f"{name}.use_kl = True adds KL(z || f) to the soft Dice; target_loss = "
+                                  f"{self.target_loss!r} has a KL or cross-entropy term already (the two differ by a "
+                                  f"constant in f). Set use_kl = False, or target_loss = 'soft_dice'.")
+        temperature = self.target_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not math.isfinite(temperature) or temperature <= 0:
+            raise UserFacingError(f"{name}.target_temperature must be a number > 0 (1: no sharpening), got "
+                                  f"{temperature!r}")
+        if self.target_hard and temperature != 1:
+            raise UserFacingError(f"{name}.target_temperature = {temperature!r} with target_hard = True: the hard "
+                                  f"label is the argmax whatever the temperature. Set target_temperature = 1.0.")
         if not 0.0 <= float(self.beta) <= 1.0:
             raise UserFacingError(f"{name}.beta (the denoiser's share of the target) must be in [0, 1], got "
                                   f"{self.beta}")
@@ -111,17 +163,29 @@ class DenoisedTargetsMixin(LabelDenoiserMixin):
         return self.beta * (self.denoise(f) if a_f is None else a_f) + (1 - self.beta) * f
 
     def soft_target_term(self, logits: torch.Tensor, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """D(z, f) at one resolution: soft Dice of softmax(logits) against z over valid voxels (+ KL(z || f))."""
+        """D(z, f) at one resolution (class doc): the terms of ``target_loss`` between f = softmax(logits)
+        and z, both (B, C, *S), over the voxels ``valid`` (B, *S) (+ KL(z || f) with ``use_kl``)."""
         logits = logits.float()
-        term = soft_dice_loss(torch.softmax(logits, 1), z, valid, batch_dice=self.configuration_manager.batch_dice,
-                              form=self.dice_form)
-        if self.use_kl:
+        terms = self.TARGET_LOSSES[self.target_loss]
+        term = 0
+        if "ce" in terms:
+            term = soft_cross_entropy(torch.log_softmax(logits, 1), z, valid)
+        if "dice" in terms:
+            term = term + soft_dice_loss(torch.softmax(logits, 1), z, valid,
+                                         batch_dice=self.configuration_manager.batch_dice, form=self.dice_form)
+        if "kl" in terms or self.use_kl:
             term = term + soft_kl_loss(torch.log_softmax(logits, 1), z, valid)
         return term
 
+    def loss_target(self, z: torch.Tensor) -> torch.Tensor:
+        """The target D sees (B, C, *S): z, sharpened by ``target_temperature`` or made hard (``target_hard``)."""
+        return hard_targets(z) if self.target_hard else sharpen_targets(z, self.target_temperature)
+
     def soft_target_loss(self, outputs, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """D(z, f) summed over deep-supervision outputs with nnU-Net's weights (its
-        ``DeepSupervisionWrapper``; z and valid are downsampled to each output's size)."""
+        ``DeepSupervisionWrapper``; z, sharpened by ``loss_target``, and valid are downsampled to each
+        output's size)."""
+        z = self.loss_target(z)
         weights = getattr(self.loss, "weight_factors", None)  # None: nnU-Net's loss without deep supervision
         if not isinstance(outputs, (list, tuple)) or weights is None:
             return self.soft_target_term(full_resolution(outputs), z, valid)
