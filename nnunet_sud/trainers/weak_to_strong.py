@@ -172,15 +172,51 @@ def highest_entropy_cases(entropies: Dict[str, float], fraction: float) -> Froze
     return frozenset(ranked[:n])
 
 
-# ---------------------------------------------------------------------- the trainer
-class nnUNetTrainerWeakToStrong(nnUNetTrainerSemiSupervised):
-    """Weak-to-strong pseudo-labels (module doc); every knob below is a class attribute."""
+# ---------------------------------------------------------------------- the strong view x_s = G(I(x_w))
+class StrongViewMixin:
+    """The strong view of a semi-supervised trainer (module doc): I, SegMatch's intensity view, made in
+    the unlabeled workers (``views`` gives (x_w, I(x_w))), and G, exact flips and quarter turns on the
+    device (``geometric_transform``). Also used by ``sud_weak_to_strong``."""
 
+    SETTINGS = ("strong_geometric", "strong_ops_per_sample", "strong_cutout")
     #: G: flips and quarter turns of the strong view (False: intensity-only strong view)
     strong_geometric: bool = True
     #: I: RandAugment ops per sample (of SegMatch's ``strong_transforms()``), then Cutout or not
     strong_ops_per_sample: int = 2
     strong_cutout: bool = True
+
+    # I: SegMatch's strong intensity view, made in the unlabeled workers
+    strong_transforms = nnUNetTrainerSegMatch.strong_transforms
+    strong_view_transform = nnUNetTrainerSegMatch.strong_view_transform
+    views = nnUNetTrainerSegMatch.views
+
+    def check_settings(self):
+        super().check_settings()
+        name = type(self).__name__
+        for setting in ("strong_geometric", "strong_cutout"):
+            if not isinstance(getattr(self, setting), bool):
+                raise UserFacingError(f"{name}.{setting} must be True or False, got {getattr(self, setting)!r}")
+        n_ops = len(self.strong_transforms())
+        if not isinstance(self.strong_ops_per_sample, int) or not 0 <= self.strong_ops_per_sample <= n_ops:
+            raise UserFacingError(f"{name}.strong_ops_per_sample must be an integer in [0, {n_ops}] (the number of "
+                                  f"strong_transforms()), got {self.strong_ops_per_sample!r}")
+
+    def get_unlabeled_transforms(self):
+        """nnU-Net's pipeline (the weak view), then I as an extra image key, in the workers."""
+        pipeline = ComposeTransforms([super().get_unlabeled_transforms(), self.strong_view_transform()])
+        pipeline.extra_image_keys = (STRONG_VIEW_KEY,)
+        return pipeline
+
+    def geometric_transform(self) -> Optional[RightAngleTransform]:
+        """G, or None without a geometric strong view (read when used)."""
+        return RightAngleTransform(self.configuration_manager.patch_size) if self.strong_geometric else None
+
+
+# ---------------------------------------------------------------------- the trainer
+class nnUNetTrainerWeakToStrong(StrongViewMixin, nnUNetTrainerSemiSupervised):
+    """Weak-to-strong pseudo-labels (module doc); every knob below is a class attribute (the strong
+    view's: ``StrongViewMixin``)."""
+
     #: "ce_dice" or "ce"
     unlabeled_loss_terms: str = "ce_dice"
     #: w(t) = lambda_u from the training fraction unlabeled_start on, 0 before
@@ -194,19 +230,13 @@ class nnUNetTrainerWeakToStrong(nnUNetTrainerSemiSupervised):
     #: the filter's sliding-window step as a fraction of the patch (nnU-Net's inference uses 0.5; tiles
     #: that do not overlap are enough to rank cases, and 2-8 times fewer in 3d)
     case_filter_tile_step_size: float = 1.0
-    SETTINGS = ("strong_geometric", "strong_ops_per_sample", "strong_cutout", "unlabeled_loss_terms", "lambda_u",
-                "unlabeled_start", "unlabeled_weight", "case_filter_fraction", "case_filter_every",
-                "case_filter_tile_step_size")
+    SETTINGS = ("unlabeled_loss_terms", "lambda_u", "unlabeled_start", "unlabeled_weight", "case_filter_fraction",
+                "case_filter_every", "case_filter_tile_step_size")
     LOSS_TERMS = ("ce_dice", "ce")
 
     #: the losses read batch_u['valid'] only: no case coordinates carried
     unlabeled_coordinates = False
     extra_log_keys = ("case_filter_excluded",)
-
-    # I: SegMatch's strong intensity view, made in the unlabeled workers
-    strong_transforms = nnUNetTrainerSegMatch.strong_transforms
-    strong_view_transform = nnUNetTrainerSegMatch.strong_view_transform
-    views = nnUNetTrainerSegMatch.views
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -223,12 +253,6 @@ class nnUNetTrainerWeakToStrong(nnUNetTrainerSemiSupervised):
         def refuse(setting, requirement):
             raise UserFacingError(f"{name}.{setting} must be {requirement}, got {getattr(self, setting)!r}")
 
-        for setting in ("strong_geometric", "strong_cutout"):
-            if not isinstance(getattr(self, setting), bool):
-                refuse(setting, "True or False")
-        n_ops = len(self.strong_transforms())
-        if not isinstance(self.strong_ops_per_sample, int) or not 0 <= self.strong_ops_per_sample <= n_ops:
-            refuse("strong_ops_per_sample", f"an integer in [0, {n_ops}] (the number of strong_transforms())")
         if self.unlabeled_loss_terms not in self.LOSS_TERMS:
             refuse("unlabeled_loss_terms", f"one of {self.LOSS_TERMS}")
         if not _is_number(self.lambda_u) or not self.lambda_u >= 0:
@@ -243,17 +267,6 @@ class nnUNetTrainerWeakToStrong(nnUNetTrainerSemiSupervised):
         if not _is_number(self.case_filter_tile_step_size) or not 0 < self.case_filter_tile_step_size <= 1:
             refuse("case_filter_tile_step_size", "in (0, 1]")
         require_exclusive_classes(self.label_manager, name)
-
-    # ------------------------------------------------------------------ the views
-    def get_unlabeled_transforms(self):
-        """nnU-Net's pipeline (the weak view), then I as an extra image key, in the workers."""
-        pipeline = ComposeTransforms([super().get_unlabeled_transforms(), self.strong_view_transform()])
-        pipeline.extra_image_keys = (STRONG_VIEW_KEY,)
-        return pipeline
-
-    def geometric_transform(self) -> Optional[RightAngleTransform]:
-        """G, or None without a geometric strong view (read when used)."""
-        return RightAngleTransform(self.configuration_manager.patch_size) if self.strong_geometric else None
 
     # ------------------------------------------------------------------ the step
     def unlabeled_loss(self, batch_u: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
