@@ -11,6 +11,7 @@ __all__ = [
     "nnUNetTrainerSUD_beta0p5",
     "nnUNetTrainerSUD_beta1",
     "nnUNetTrainerSUD_lambda1",
+    "nnUNetTrainerSUD_lambda1_beta005",
     "nnUNetTrainerSUD_lambda2",
     "nnUNetTrainerSUD_lambda8",
     "nnUNetTrainerSUD_KL",
@@ -56,6 +57,12 @@ class nnUNetTrainerSUD_beta1(nnUNetTrainerSUD):
 
 class nnUNetTrainerSUD_lambda1(nnUNetTrainerSUD):
     lambda_max = 1.0  # beta = 0.2 / lambda_max = 0.2
+
+
+class nnUNetTrainerSUD_lambda1_beta005(nnUNetTrainerSUD):
+    """lambda_max = 1 with the paper's beta = 0.05 held (not 0.2 / lambda_max): against
+    ``_lambda1``, the denoiser's share alone; the one-view reference of ``nnUNetTrainerSUDWeakToStrong``."""
+    lambda_max, beta = 1.0, 0.05
 
 
 class nnUNetTrainerSUD_lambda2(nnUNetTrainerSUD):
