@@ -281,7 +281,7 @@ class DualDecoderMixin:
 class nnUNetTrainerDMNet(DualDecoderMixin, DiscriminatorMixin, LabeledBatchMixin, nnUNetTrainerSemiSupervised):
     """DMNet (module doc). Variants change ``adversarial``/``temperature``."""
 
-    #: the losses read batch_u['valid'] only: no case coordinates through the augmentation (issue 17)
+    #: the losses read batch_u['valid'] only: no case coordinates through the augmentation
     unlabeled_coordinates = False
 
     SETTINGS = ("lambda1", "lambda2", "temperature", "adversarial", "unlabeled_weight", "discriminator_lr",

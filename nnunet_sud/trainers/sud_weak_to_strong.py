@@ -36,8 +36,8 @@ Defaults, chosen by reasoning (to be measured on validation):
                               background, a false positive of f costs) + SUD's squared soft Dice
                               (the small structures keep their weight, as in nnU-Net's Dice + CE)
     lambda_max = 1.0          lambda(t) = t: D has about the scale of nnU-Net's Dice + CE, which
-                              weak-to-strong weighs 1; TE at lambda_max = 1 did better than at the
-                              paper's 4 on acdc3 (``sud_variants.nnUNetTrainerTE_lambda1``)
+                              weak-to-strong weighs 1 (the paper's 4 was chosen for 10^5
+                              iterations)
     beta = 0.05               the paper's denoiser share (its Fig. 5 optimum at lambda = 4), held:
                               not 0.2 / lambda_max = 0.2 (``nnUNetTrainerSUD_lambda1_beta005`` is the
                               same z on one view)

@@ -225,7 +225,7 @@ class nnUNetTrainerMeanTeacherBase(nnUNetTrainerSemiSupervised):
     feature_dropout: float = 0.0
     unlabeled_weight = GaussianRampUp(0.1)
 
-    #: the losses read batch_u['valid'] only: no case coordinates through the augmentation (issue 17)
+    #: the losses read batch_u['valid'] only: no case coordinates through the augmentation
     unlabeled_coordinates = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
