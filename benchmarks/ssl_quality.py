@@ -217,6 +217,24 @@ def dataset_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
 
 
+#: options whose values are folders of the machine that ran the benchmark; result files name them by role
+PATH_OPTIONS = {"--la": "LA_lite", "--acdc": "ACDC_lite", "--work": "WORK", "--results": "RESULTS"}
+
+
+def portable_command(argv) -> str:
+    """The command line as result files record it: the folders replaced by their role (``--acdc
+    ACDC_lite``, ``--work WORK``), so that no machine path goes into a committed file."""
+    out, argv = ["benchmarks/ssl_quality.py"], list(argv)
+    for i, a in enumerate(argv):
+        name = a.split("=", 1)[0]
+        if name in PATH_OPTIONS and "=" in a:
+            a = f"{name}={PATH_OPTIONS[name]}"
+        elif i and argv[i - 1] in PATH_OPTIONS:
+            a = PATH_OPTIONS[argv[i - 1]]
+        out.append(a)
+    return " ".join(shlex.quote(a) for a in out)
+
+
 def git_commit() -> str:
     """HEAD of this checkout, with "+dirty" when tracked files differ from it ("unknown" outside git)."""
     try:
@@ -253,7 +271,7 @@ def cases_from_evaluation(evaluation: dict) -> dict:
 class Benchmark:
     def __init__(self, args, argv):
         self.args = args
-        self.command = " ".join(shlex.quote(a) for a in ["benchmarks/ssl_quality.py"] + list(argv))
+        self.command = portable_command(argv)
         device = args.device
         if device is None:
             import torch
