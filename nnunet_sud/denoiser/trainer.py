@@ -46,7 +46,7 @@ recognises it when it loads it for the trainers that use a denoiser (``trainers/
 __all__ = ["nnUNetTrainerLabelDenoiser"]
 
 import copy
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -126,7 +126,39 @@ def _drop_image_only(compose):
 
 
 class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
-    """Label-map denoiser of SUD §3.4 (skip-free auto-encoder on corrupted one-hot labels)."""
+    """Label-map denoiser of SUD §3.4 (skip-free auto-encoder on corrupted one-hot labels).
+
+    Settings are the class attributes listed in ``SETTINGS``; nnU-Net's own schedule attributes
+    (``initial_lr``, ``num_epochs``, ...) get the denoiser's values in ``__init__``, as in nnU-Net."""
+
+    SETTINGS = ("denoiser_features_scale", "denoiser_num_stages", "denoiser_optimizer", "denoiser_batch_size",
+                "corruption_sigma", "corruption_scale", "corruption_sigma_distribution", "corruption_interpolation",
+                "use_denoiser_labels", "denoiser_eval_settings", "denoiser_eval_every", "denoiser_eval_max_cases",
+                "denoiser_eval_seed")
+    #: network: the configuration's planned encoder/decoder stages, features_per_stage scaled by this
+    #: factor (label maps are piecewise constant: a quarter of a segmenter's width suffices, see
+    #: docs/denoiser.md); 1.0 = the segmenter's widths
+    denoiser_features_scale: float = DEFAULT_FEATURES_SCALE
+    #: and cut to the first N planned stages (None: all); fewer stages = a larger bottleneck, see docs
+    denoiser_num_stages: Optional[int] = DEFAULT_NUM_STAGES
+    #: optimisation: Adam (lr 2e-3, poly decay) on its own batch size; 'sgd' = nnU-Net's SGD (lr initial_lr)
+    denoiser_optimizer: str = "adam"
+    #: None: the plans' batch size
+    denoiser_batch_size: Optional[int] = DEFAULT_BATCH_SIZE
+    #: corruption (SUD §3.4: sigma, s in [0, 8]); a number fixes the value, a pair is sampled per sample
+    corruption_sigma = DEFAULT_CORRUPTION_SIGMA
+    corruption_scale = DEFAULT_CORRUPTION_SCALE
+    corruption_sigma_distribution: str = DEFAULT_SIGMA_DISTRIBUTION
+    corruption_interpolation: str = "linear"
+    #: extra label maps without images (labelsDenoiser/, preprocessed); False: training split only
+    use_denoiser_labels: bool = True
+    #: noisy-vs-denoised validation at fixed (sigma, s)
+    denoiser_eval_settings = DEFAULT_EVAL_SETTINGS
+    #: epochs; 0 disables the per-epoch evaluation
+    denoiser_eval_every: int = DEFAULT_EVAL_EVERY
+    #: per-epoch subset of the validation cases (final: all)
+    denoiser_eval_max_cases: Optional[int] = 4
+    denoiser_eval_seed: int = 12345
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -138,34 +170,32 @@ class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
         # the denoiser reads label maps only: no previous-stage segmentation even for cascade configs
         self.is_cascaded = False
         self.folder_with_segs_from_previous_stage = None
-
-        # network: the configuration's planned encoder/decoder stages, features_per_stage scaled by this
-        # factor (label maps are piecewise constant: a quarter of a segmenter's width suffices, see
-        # docs/denoiser.md); 1.0 = the segmenter's widths
-        self.denoiser_features_scale = DEFAULT_FEATURES_SCALE
-        # and cut to the first N planned stages (None: all); fewer stages = a larger bottleneck, see docs
-        self.denoiser_num_stages = DEFAULT_NUM_STAGES
-        # optimisation: Adam (lr 2e-3, poly decay) on its own batch size; 'sgd' = nnU-Net's SGD (lr initial_lr)
-        self.denoiser_optimizer = "adam"
+        # nnU-Net's schedule attributes, the denoiser's values (Adam's lr; 20 x 100 steps)
         self.initial_lr = 2e-3
-        self.denoiser_batch_size = DEFAULT_BATCH_SIZE   # None: the plans' batch size
         self.num_epochs = DEFAULT_EPOCHS
         self.num_iterations_per_epoch = DEFAULT_ITERATIONS_PER_EPOCH
         self.num_val_iterations_per_epoch = 5
-        # corruption (SUD §3.4: sigma, s in [0, 8]); a number fixes the value, a pair is sampled per sample
-        self.corruption_sigma = DEFAULT_CORRUPTION_SIGMA
-        self.corruption_scale = DEFAULT_CORRUPTION_SCALE
-        self.corruption_sigma_distribution = DEFAULT_SIGMA_DISTRIBUTION
-        self.corruption_interpolation = "linear"
-        # extra label maps without images (labelsDenoiser/, preprocessed); False: training split only
-        self.use_denoiser_labels = True
-        # noisy-vs-denoised validation at fixed (sigma, s)
-        self.denoiser_eval_settings = DEFAULT_EVAL_SETTINGS
-        self.denoiser_eval_every = DEFAULT_EVAL_EVERY   # epochs; 0 disables the per-epoch evaluation
-        self.denoiser_eval_max_cases = 4      # per-epoch subset of the validation cases (final: all)
-        self.denoiser_eval_seed = 12345
         self._corruption = None
         self._evaluator = None
+
+    def check_settings(self):
+        """Raise UserFacingError for an invalid setting (naming it, its value and what to do). Runs
+        first in ``initialize``, which nnU-Net's ``on_train_start`` and ``--c`` begin with, so a
+        setting changed after ``super().__init__()`` is checked too."""
+        name = type(self).__name__
+        if self.denoiser_optimizer not in ("adam", "sgd"):
+            raise UserFacingError(f"{name}.denoiser_optimizer must be 'adam' or 'sgd' (nnU-Net's), got "
+                                  f"{self.denoiser_optimizer!r}")
+        try:  # the messages begin with the setting's name
+            narrow_architecture(copy.deepcopy(self.configuration_manager.configuration["architecture"]),
+                                self.denoiser_features_scale, self.denoiser_num_stages)
+        except ValueError as e:
+            raise UserFacingError(f"{name}.{e}") from None
+        try:  # the messages begin with the name of the argument, the setting's without 'corruption_'
+            LabelMapCorruption(self.corruption_sigma, self.corruption_scale, self.corruption_interpolation,
+                               sigma_distribution=self.corruption_sigma_distribution)
+        except ValueError as e:
+            raise UserFacingError(f"{name}.corruption_{e}") from None
 
     # ------------------------------------------------------------------ network
     @staticmethod
@@ -215,6 +245,7 @@ class nnUNetTrainerLabelDenoiser(RobustTrainerMixin, nnUNetTrainer):
 
     def initialize(self):
         if not self.was_initialized:
+            self.check_settings()
             self._apply_denoiser_architecture()
         super().initialize()
         self.num_input_channels = self.label_manager.num_segmentation_heads
